@@ -1,0 +1,269 @@
+"""Where documents come from: local text files (our own tfds builder) or the tfds catalogue.
+
+Both end as a `TextSplit`: a random-access tfds source (array_record, read by index, no
+TensorFlow) plus how its records map to documents. The pipeline only sees `TextSplit`s.
+
+Local files (`LocalText`): the train/validation split follows nanoGPT: the first
+`1 - val_fraction` of the file's characters are train, the rest validation (or an explicit
+`val_path` file is the validation split). Records are stored in file order and their
+concatenation equals the split's span of the file exactly:
+  * `doc_separator=''` (default): the file is one continuous text, stored as ~64 KiB pieces cut
+    after a newline where possible; the pipeline joins the pieces without separators, so
+    char-level training sees exactly the characters nanoGPT sees.
+  * `doc_separator='\\n\\n'` (say): one record per document; a document keeps the separator run
+    that ends it, and the pipeline puts `</s>` between documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+CHUNK_CHARS = 1 << 16
+# Bump when the record layout written by LocalText changes: old prepared data is then ignored.
+LAYOUT_VERSION = 1
+_VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSplit:
+    """One split's records, readable by index, and how records map to documents."""
+
+    records: Sequence[Any]  # tfds data source: records[i] is a dict of features
+    text_key: str
+    joined: bool  # True: records are consecutive pieces of ONE text (no document boundaries)
+    fingerprint: str  # identity of this split's content, for cache keys
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def texts(self) -> Iterator[str]:
+        """The records' texts in order (tfds returns Text features as bytes)."""
+        for i in range(len(self.records)):
+            value = self.records[i][self.text_key]
+            yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+@dataclasses.dataclass(eq=False)
+class LocalTextConfig(tfds.core.BuilderConfig):
+    """A local file and how to split it. Build with `local_text_config` (it names the config)."""
+
+    path: str = ""
+    val_path: str = ""
+    val_fraction: float = 0.1
+    doc_separator: str = ""
+
+
+def _check_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what}: file is empty: {path}")
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def local_text_config(
+    path: str, *, val_path: str = "", val_fraction: float = 0.1, doc_separator: str = ""
+) -> LocalTextConfig:
+    """Validate the inputs and name the config after everything that determines its records.
+
+    The name carries a hash of the file contents (sha256), `val_fraction`, the separator and the
+    layout version, so changed data never reuses a stale prepared copy.
+    """
+    _check_file(path, "data.path")
+    if val_path:
+        _check_file(val_path, "data.val_path")
+    elif not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    key = {
+        "train_sha256": _sha256_file(path),
+        "val_sha256": _sha256_file(val_path) if val_path else "",
+        "val_fraction": None if val_path else float(val_fraction),
+        "doc_separator": doc_separator,
+        "chunk_chars": CHUNK_CHARS,
+        "layout": LAYOUT_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    stem = re.sub(r"[^a-z0-9]+", "_", os.path.splitext(os.path.basename(path))[0].lower())
+    return LocalTextConfig(
+        name=f"{stem.strip('_') or 'text'}_{digest}",
+        description=f"{path} (val: {val_path or f'last {val_fraction:g} of the file'})",
+        path=os.path.abspath(path),
+        val_path=os.path.abspath(val_path) if val_path else "",
+        val_fraction=float(val_fraction),
+        doc_separator=doc_separator,
+    )
+
+
+def _read_text(path: str) -> str:
+    # newline='' keeps '\r\n' as is: the records must reproduce the file exactly.
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """nanoGPT's split: first int(n * (1 - val_fraction)) characters train, the rest val."""
+    cut = int(len(text) * (1.0 - val_fraction))
+    return text[:cut], text[cut:]
+
+
+def chunk_text(text: str, size: int) -> list[str]:
+    """Pieces of at most `size` chars, cut after the last newline in the second half if any."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            newline = text.rfind("\n", start + size // 2, end)
+            end = newline + 1 if newline >= 0 else end
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def split_documents(text: str, separator: str) -> list[str]:
+    """Documents ending at each run of `separator` (the run stays with the document before it)."""
+    if not separator:
+        raise ValueError("split_documents needs a non-empty separator")
+    docs, start, pos = [], 0, text.find(separator)
+    while pos >= 0:
+        end = pos + len(separator)
+        while text.startswith(separator, end):
+            end += len(separator)
+        if end < len(text):
+            docs.append(text[start:end])
+            start = end
+        pos = text.find(separator, end)
+    if start < len(text):
+        docs.append(text[start:])
+    return docs
+
+
+class LocalText(tfds.core.GeneratorBasedBuilder):
+    """A local UTF-8 text file as 'train' and 'validation' splits of {'text': Text()}."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Local text file, nanoGPT-style tail validation split."}
+    BUILDER_CONFIGS: list[LocalTextConfig] = []  # configs are made per file: local_text_config
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="A local text file split for language modelling.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            disable_shuffling=True,  # records must stay in file order
+        )
+
+    def _split_spans(self) -> dict[str, str]:
+        cfg: LocalTextConfig = self.builder_config
+        text = _read_text(cfg.path)
+        if cfg.val_path:
+            spans = {"train": text, "validation": _read_text(cfg.val_path)}
+        else:
+            train, val = split_text(text, cfg.val_fraction)
+            spans = {"train": train, "validation": val}
+        for name, span in spans.items():
+            if not span:
+                raise ValueError(
+                    f"data.val_fraction={cfg.val_fraction}: the {name} split of {cfg.path} is "
+                    f"empty ({len(text)} characters in the file)"
+                )
+        return spans
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        del dl_manager  # nothing to download
+        return {name: self._generate_examples(span) for name, span in self._split_spans().items()}
+
+    def _generate_examples(self, span: str) -> Iterator[tuple[int, dict[str, str]]]:
+        sep = self.builder_config.doc_separator
+        pieces = split_documents(span, sep) if sep else chunk_text(span, CHUNK_CHARS)
+        for i, piece in enumerate(pieces):
+            yield i, {"text": piece}
+
+
+def load_local_text(
+    path: str,
+    *,
+    data_dir: str,
+    val_path: str = "",
+    val_fraction: float = 0.1,
+    doc_separator: str = "",
+) -> dict[str, TextSplit]:
+    """Prepare (once) and open a local file's 'train' and 'validation' splits under data_dir."""
+    config = local_text_config(
+        path, val_path=val_path, val_fraction=val_fraction, doc_separator=doc_separator
+    )
+    builder = LocalText(config=config, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+        tfds.disable_progress_bar()  # tiny builds; keep training logs readable
+        builder._split_spans()  # fail fast with a clear message before tfds starts writing
+        try:
+            builder.download_and_prepare()
+        except Exception:
+            # Another process may have finished the same build first: use its copy.
+            builder = LocalText(config=config, data_dir=data_dir, file_format="array_record")
+            if not builder.is_prepared():
+                raise
+    return {
+        split: TextSplit(
+            records=builder.as_data_source(split),
+            text_key="text",
+            joined=not doc_separator,
+            fingerprint=f"local_text/{config.name}/{split}",
+        )
+        for split in ("train", "validation")
+    }
+
+
+# ----------------------------------------------------------------------------- tfds catalogue
+
+
+def load_tfds_catalogue(
+    name: str, *, data_dir: str = "", text_key: str = "text"
+) -> dict[str, TextSplit]:
+    """Open a catalogue dataset's 'train' split and its first of validation/valid/val/test.
+
+    `tfds.data_source` downloads and prepares the dataset if needed (network!) and needs it in
+    array_record format. Each record is one document; its `text_key` feature holds the text.
+    """
+    sources = tfds.data_source(name, data_dir=data_dir or None)
+    if "train" not in sources:
+        raise ValueError(f"data.tfds_name: {name} has no 'train' split (has {sorted(sources)})")
+    val_name = next((s for s in _VAL_SPLIT_NAMES if s in sources), None)
+    if val_name is None:
+        raise ValueError(f"data.tfds_name: {name} has no validation split (has {sorted(sources)})")
+    splits = {}
+    for split, source in (("train", sources["train"]), ("validation", sources[val_name])):
+        if len(source) == 0:
+            raise ValueError(f"data.tfds_name: split {split!r} of {name} is empty")
+        if text_key not in source[0]:
+            raise ValueError(
+                f"data.text_key: {name} records have no {text_key!r} feature "
+                f"(features: {sorted(source[0])})"
+            )
+        info = getattr(source, "dataset_info", None)
+        full_name = getattr(info, "full_name", name)  # includes config and version
+        real_split = val_name if split == "validation" else split
+        splits[split] = TextSplit(
+            records=source,
+            text_key=text_key,
+            joined=False,
+            fingerprint=f"tfds/{full_name}/{real_split}/{text_key}",
+        )
+    return splits
