@@ -17,24 +17,40 @@ from lm import sharding  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _need_8_devices():
+def _on_8_cpu_devices():
+    """Run on the 8 fake CPU devices, also on a machine whose default backend is a GPU."""
+    cpus = jax.devices("cpu")
+    if len(cpus) != 8:
+        pytest.skip(f"needs 8 CPU devices, jax was initialised with {len(cpus)}")
+    with jax.default_device(cpus[0]):
+        yield
+
+
+def _mesh(data, fsdp, tensor, n=8):
+    return sharding.make_mesh(data, fsdp, tensor, devices=jax.devices("cpu")[:n])
+
+
+def test_make_mesh_default_devices():
     if jax.device_count() != 8:
-        pytest.skip(f"needs 8 devices, jax was initialised with {jax.device_count()}")
+        pytest.skip("default backend is not the 8-device CPU platform")
+    mesh = sharding.make_mesh(-1, 2, 2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert set(mesh.devices.flat) == set(jax.devices())
 
 
 def test_make_mesh_infers_minus_one():
-    mesh = sharding.make_mesh(-1, 2, 1)
+    mesh = _mesh(-1, 2, 1)
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
     assert mesh.axis_names == ("data", "fsdp", "tensor")
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-    mesh = sharding.make_mesh(1, 2, -1)
+    mesh = _mesh(1, 2, -1)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 4}
 
 
 def test_make_mesh_explicit_devices():
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = _mesh(1, 1, 1, n=1)
     assert mesh.devices.size == 1
-    mesh = sharding.make_mesh(2, -1, 1, devices=jax.devices()[:4])
+    mesh = _mesh(2, -1, 1, n=4)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1}
 
 
@@ -50,7 +66,7 @@ def test_make_mesh_explicit_devices():
 )
 def test_make_mesh_bad_shapes(sizes, pattern):
     with pytest.raises(ValueError, match=pattern):
-        sharding.make_mesh(*sizes)
+        _mesh(*sizes)
 
 
 def test_every_preset_names_every_axis():
@@ -108,7 +124,7 @@ GOLDEN = {
 
 @pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
 def test_param_shardings_golden(preset):
-    mesh = sharding.make_mesh(2, 2, 2)
+    mesh = _mesh(2, 2, 2)
     model = _Tiny()
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 3), jnp.int32))
     shardings = sharding.param_shardings(abstract, mesh, sharding.RULES[preset])
@@ -126,7 +142,7 @@ def test_param_shardings_golden(preset):
 
 
 def test_logical_to_sharding_activations():
-    mesh = sharding.make_mesh(2, 2, 2)
+    mesh = _mesh(2, 2, 2)
     tree = {
         "x": P("batch", "length", "act_embed"),
         "h": P("batch", "length", "act_mlp"),
@@ -145,14 +161,14 @@ def test_logical_to_sharding_activations():
 
 
 def test_batch_sharding_and_replicated():
-    mesh = sharding.make_mesh(2, 2, 2)
+    mesh = _mesh(2, 2, 2)
     assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
     assert sharding.replicated(mesh).spec == P()
     assert sharding.batch_shards(mesh) == 4
 
 
 def test_shard_batch_placement():
-    mesh = sharding.make_mesh(4, 2, 1)
+    mesh = _mesh(4, 2, 1)
     tokens = np.arange(16 * 5, dtype=np.int32).reshape(16, 5)
     mask = np.ones((16, 5), np.bool_)
     out = sharding.shard_batch({"tokens": tokens, "mask": mask}, mesh)
@@ -171,7 +187,7 @@ def test_shard_batch_placement():
 
 
 def test_shard_batch_replicates_over_tensor():
-    mesh = sharding.make_mesh(2, 1, 4)
+    mesh = _mesh(2, 1, 4)
     x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
     arr = sharding.shard_batch({"x": x}, mesh)["x"]
     for t in range(4):
@@ -181,7 +197,7 @@ def test_shard_batch_replicates_over_tensor():
 
 
 def test_batch_divisibility_errors():
-    mesh = sharding.make_mesh(2, 2, 2)
+    mesh = _mesh(2, 2, 2)
     sharding.check_batch_divisible(8, mesh)
     with pytest.raises(ValueError, match=r"train.batch_size=6 .* = 4"):
         sharding.check_batch_divisible(6, mesh)
