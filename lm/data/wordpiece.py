@@ -199,7 +199,11 @@ class WordPieceTokenizer:
         limit_alphabet: int = 1000,
     ) -> WordPieceTokenizer:
         """Trains a WordPiece vocabulary with the `tokenizers` library, saves it to `directory`
-        (specials first: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4) and loads it back."""
+        (specials first: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4) and loads it back.
+
+        Not bit-reproducible: the Rust trainer breaks frequency ties in hash-map order, so two
+        runs may differ in a few tokens and in their order. The saved vocab.txt is the artifact
+        to keep; encoding with it is deterministic."""
         try:
             from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
         except ImportError as e:  # pragma: no cover - depends on the environment
