@@ -182,23 +182,10 @@ def test_wordpiece_matches_reference_implementation(tmp_path):
 
 # Blank lines are ' ' and every line ends in a space, as in the WikiText files.
 WIKI_SAMPLE = "\n".join([
-    '',
-    ' = Alpha = ',
-    ' ',
-    ' Alpha is a thing . It has two sentences ? Yes ! ',
-    ' ',
-    ' = = History = = ',
-    ' ',
-    ' = = = Early years = = = ',
-    ' ',
-    ' Alpha began in 1 @,@ 900 in St. Louis . ',
-    ' Table row ',
-    ' = Played , W = ',
-    ' ',
-    ' = Beta = ',
-    ' ',
-    ' Beta is another thing . ',
-    '',
+    "", " = Alpha = ", " ", " Alpha is a thing . It has two sentences ? Yes ! ", " ",
+    " = = History = = ", " ", " = = = Early years = = = ", " ",
+    " Alpha began in 1 @,@ 900 in St. Louis . ", " Table row ", " = Played , W = ", " ",
+    " = Beta = ", " ", " Beta is another thing . ", "",
 ])
 
 
