@@ -8,6 +8,7 @@ import random
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from lm.data import pipeline, sources, tokenizers
 from lm.data.tokenizers import SPECIAL_TOKENS
@@ -183,6 +184,39 @@ def test_local_text_errors(tmp_path):
     one = _write(tmp_path / "one.txt", "a")
     with pytest.raises(ValueError, match="train split .* is empty"):
         sources.load_local_text(one, data_dir=str(tmp_path / "data"))
+
+
+class DummyLmDocs(tfds.core.GeneratorBasedBuilder):
+    """A catalogue-style builder made in memory: exercises the catalogue reader offline."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {"content": tfds.features.Text(), "id": tfds.features.Scalar(np.int32)}
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict(features), disable_shuffling=True
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {
+            "train": self._generate_examples(["one doc", "two doc"]),
+            "test": self._generate_examples(["held"]),
+        }
+
+    def _generate_examples(self, docs):
+        for i, doc in enumerate(docs):
+            yield i, {"content": doc, "id": i}
+
+
+def test_tfds_catalogue_reader_offline(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    splits = sources.load_tfds_catalogue("dummy_lm_docs", data_dir=data_dir, text_key="content")
+    assert list(splits["train"].texts()) == ["one doc", "two doc"]
+    assert list(splits["validation"].texts()) == ["held"]  # no 'validation': falls back to test
+    assert not splits["train"].joined and "dummy_lm_docs" in splits["train"].fingerprint
+    with pytest.raises(ValueError, match="data.text_key.*'text'"):
+        sources.load_tfds_catalogue("dummy_lm_docs", data_dir=data_dir)
 
 
 # ----------------------------------------------------------------------------- windows

@@ -244,6 +244,9 @@ def make_train_iterator(
         sampler=sampler,
         operations=[grain.transforms.Batch(rows, drop_remainder=True)],
         worker_count=worker_count,
+        # A window costs ~10 us to cut: grain's default 16 reader threads with a 500-deep
+        # prefetch cost more than they save (10 ms vs 2 ms per 32x512 batch on 2 vCPUs).
+        read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
     )
     return iter(loader)
 

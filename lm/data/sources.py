@@ -242,7 +242,12 @@ def load_tfds_catalogue(
     `tfds.data_source` downloads and prepares the dataset if needed (network!) and needs it in
     array_record format. Each record is one document; its `text_key` feature holds the text.
     """
-    sources = tfds.data_source(name, data_dir=data_dir or None)
+    sources = tfds.data_source(
+        name,
+        data_dir=data_dir or None,
+        # tfds only defaults to array_record when no data_dir is given; tfrecord needs TF.
+        builder_kwargs={"file_format": "array_record"},
+    )
     if "train" not in sources:
         raise ValueError(f"data.tfds_name: {name} has no 'train' split (has {sorted(sources)})")
     val_name = next((s for s in _VAL_SPLIT_NAMES if s in sources), None)
