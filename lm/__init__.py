@@ -1,0 +1,1 @@
+"""lm: JAX/Flax research codebase for Transformer language models."""

@@ -1,0 +1,162 @@
+"""Scaled dot-product attention and the multi-head (grouped key/value) attention layer.
+
+Two interchangeable implementations of softmax(Q Kᵀ / √K) V behind `impl`:
+  'einsum'  the reference: explicit logits in fp32, supports dropout and returns the
+            probabilities for inspection;
+  'xla'     `jax.nn.dot_product_attention(implementation='xla')`;
+  'cudnn'   the same call with the fused cuDNN kernel (GPU only; causal + right padding
+            become kernel flags, any other mask is passed as a table).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.models import positions as pos_lib
+from lm.models.config import ModelConfig
+from lm.models.masks import Mask
+
+_NEG = -1e30  # large finite negative: fully masked rows stay NaN-free
+
+
+def dot_product_attention(
+    q_BLHK: jnp.ndarray,
+    k_BSGK: jnp.ndarray,
+    v_BSGK: jnp.ndarray,
+    mask: Mask | None = None,
+    *,
+    bias_BHLS: jnp.ndarray | None = None,
+    impl: str = "einsum",
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    return_probs: bool = False,
+) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+    """Attention over G key/value heads shared by H // G query heads each.
+
+    Rows whose every key is masked (padding queries) produce an unspecified but finite
+    output; callers ignore them.
+    """
+    b, length, h, k = q_BLHK.shape
+    g = k_BSGK.shape[2]
+    if h % g:
+        raise ValueError(f"{h} query heads are not a multiple of {g} key/value heads")
+    dropout = dropout_rate > 0 and dropout_rng is not None
+    if impl != "einsum" and not return_probs and not dropout:
+        return _fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS, impl)
+
+    r = h // g
+    q_BLGRK = q_BLHK.reshape(b, length, g, r, k) * jnp.asarray(k**-0.5, q_BLHK.dtype)
+    logits_BGRLS = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK,
+                              preferred_element_type=jnp.float32)
+    if bias_BHLS is not None:
+        logits_BGRLS += bias_BHLS.astype(jnp.float32).reshape(
+            bias_BHLS.shape[0], g, r, *bias_BHLS.shape[2:])
+    if mask is not None:
+        logits_BGRLS = jnp.where(mask.allowed()[:, :, None], logits_BGRLS, _NEG)
+    probs_BGRLS = jax.nn.softmax(logits_BGRLS, axis=-1)
+    if dropout_rate > 0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BGRLS.shape)
+        probs_BGRLS = jnp.where(keep, probs_BGRLS / (1.0 - dropout_rate), 0.0)
+    out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS.astype(v_BSGK.dtype), v_BSGK)
+    out_BLHK = out_BLGRK.reshape(b, length, h, k)
+    if return_probs:
+        return out_BLHK, probs_BGRLS.reshape(b, h, length, -1)
+    return out_BLHK
+
+
+def _fused_attention(q, k, v, mask: Mask | None, bias, impl: str) -> jnp.ndarray:
+    kwargs: dict = {}
+    if mask is not None:
+        simple = impl == "cudnn" and not mask.packed and mask.kv_prefix is None
+        if simple:  # causal and right padding map onto kernel flags
+            kwargs["is_causal"] = mask.causal
+            kwargs["query_seq_lengths"] = (mask.q_segment_ids != 0).sum(-1).astype(jnp.int32)
+            kwargs["key_value_seq_lengths"] = (mask.kv_segment_ids != 0).sum(-1).astype(
+                jnp.int32)
+        else:
+            kwargs["mask"] = mask.allowed()
+    if bias is not None:
+        kwargs["bias"] = bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl, **kwargs)
+
+
+def _dense(cfg: ModelConfig, features: int | tuple[int, ...], axes: tuple[str, ...], name: str,
+           in_axis: int | tuple[int, ...] = -1, init_scale: float = 1.0) -> nn.Module:
+    """DenseGeneral with logical axis names; the bias takes the names of the output axes."""
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features=features,
+        axis=in_axis,
+        use_bias=cfg.use_bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std * init_scale), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads, RoPE and an optional KV cache.
+
+    Parameters: query [D,H,K], key/value [D,G,K], out [H,K,D] (+ biases when
+    `use_bias`). With `decode=True` the keys and values of every call are written into a
+    static cache of `cache_len` slots at the index kept in the 'cache' collection; the
+    mask passed in must then describe the whole cache (see `Decoder`).
+    """
+
+    cfg: ModelConfig
+    cross: bool = False
+    decode: bool = False
+    cache_len: int = 0
+    out_init_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x_BLD: jnp.ndarray, mask: Mask | None, *, kv_BSD: jnp.ndarray | None = None,
+                 bias_BHLS: jnp.ndarray | None = None, deterministic: bool = True):
+        cfg = self.cfg
+        h, g, k = cfg.num_heads, cfg.kv_heads, cfg.head_size
+        q_BLHK = _dense(cfg, (h, k), ("embed", "heads", "kv"), "query")(x_BLD)
+        source = x_BLD if kv_BSD is None else kv_BSD
+        k_BSGK = _dense(cfg, (g, k), ("embed", "heads", "kv"), "key")(source)
+        v_BSGK = _dense(cfg, (g, k), ("embed", "heads", "kv"), "value")(source)
+        if cfg.position == "rope" and not self.cross and mask is not None:
+            q_BLHK = pos_lib.apply_rope(q_BLHK, mask.q_positions, cfg.rope_theta)
+            k_BSGK = pos_lib.apply_rope(k_BSGK, mask.q_positions, cfg.rope_theta)
+        q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "act_kv"))
+
+        if self.decode and not self.cross:
+            k_BSGK, v_BSGK = self._update_cache(k_BSGK, v_BSGK)
+
+        # Inspection: apply(..., mutable=['intermediates']) records the probabilities
+        # (through the reference path) under intermediates/.../attention_probs.
+        return_probs = self.is_mutable_collection("intermediates")
+        rng = None
+        if not deterministic and cfg.attention_dropout_rate > 0:
+            rng = self.make_rng("dropout")
+        result = dot_product_attention(
+            q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS=bias_BHLS, impl=cfg.attention_impl,
+            dropout_rate=cfg.attention_dropout_rate, dropout_rng=rng, return_probs=return_probs)
+        out_BLHK, probs = result if return_probs else (result, None)
+        if return_probs:
+            self.sow("intermediates", "attention_probs", probs)
+        return _dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", in_axis=(-2, -1),
+                      init_scale=self.out_init_scale)(out_BLHK)
+
+    def _update_cache(self, k_BLGK: jnp.ndarray, v_BLGK: jnp.ndarray):
+        b, length, g, k = k_BLGK.shape
+        shape = (b, self.cache_len, g, k)
+        initialized = self.has_variable("cache", "cached_key")
+        ck = self.variable("cache", "cached_key", jnp.zeros, shape, k_BLGK.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, shape, v_BLGK.dtype)
+        ci = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:  # init: shapes only
+            return k_BLGK, v_BLGK
+        start = (0, ci.value, 0, 0)
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BLGK, start)
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BLGK, start)
+        ci.value = ci.value + length
+        return ck.value, cv.value
