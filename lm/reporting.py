@@ -294,8 +294,9 @@ class ProgressLine:
 
     def format(self, step: int, metrics: Mapping[str, float]) -> str:
         parts = [f"step {step}/{self.total_steps}"]
-        if "loss" in metrics:
-            parts.append(f"loss {float(metrics['loss']):.3f}")
+        loss = metrics.get("train/loss", metrics.get("loss"))
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
         if "perf/tokens_per_sec" in metrics:
             parts.append(f"{format_count(float(metrics['perf/tokens_per_sec']))} tok/s")
         if "perf/mfu" in metrics:

@@ -1,0 +1,84 @@
+"""Defaults shared by every experiment file in `configs/`.
+
+Top-level keys: seed, objective, model, data, optim, mesh, train, evals, init_from.
+`config.model` lists every `ModelConfig` field (filled from a named preset), so any of
+them can be overridden on the command line, and misspelt ones fail (lock_config=True).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ml_collections import ConfigDict, FieldReference
+
+from lm.models.config import ModelConfig
+from lm.models.presets import preset
+
+_OPTIONAL_INT = ("num_kv_heads", "head_dim", "num_decoder_layers")
+
+
+def model_config(preset_name: str, **overrides: Any) -> ConfigDict:
+    """All ModelConfig fields of a preset (+ overrides) as an overridable ConfigDict.
+
+    `vocab_size=0` means "take it from the tokenizer".
+    """
+    vocab = overrides.pop("vocab_size", None)
+    cfg = preset(preset_name, **overrides)
+    values: dict[str, Any] = dataclasses.asdict(cfg)
+    if vocab is not None:
+        values["vocab_size"] = vocab
+    for name in _OPTIONAL_INT:
+        values[name] = FieldReference(values[name], field_type=int)
+    return ConfigDict({"preset": preset_name, **values})
+
+
+def to_model_config(model: ConfigDict, **decided: Any) -> ModelConfig:
+    """`config.model` -> ModelConfig; `decided` fills fields the data fixes (vocab size)
+    when the config leaves them at 0."""
+    values = model.to_dict()
+    for key, value in decided.items():
+        if not values.get(key):
+            values[key] = value
+        elif key == "vocab_size" and values[key] < value:
+            raise ValueError(f"model.vocab_size={values[key]} is smaller than the tokenizer's "
+                             f"vocabulary ({value})")
+    return ModelConfig.from_dict(values)
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.objective = "causal_lm"
+    c.model = ConfigDict()  # filled by each experiment with model_config(...)
+    c.data = ConfigDict(dict(
+        path="", val_path="", val_fraction=0.1, tfds_name="", tfds_data_dir="", text_key="text",
+        tokenizer="char", vocab_size=0, tokenizer_path="", pack="chunk", doc_separator="",
+        seq_len=128, worker_count=0, eval_max_batches=0))
+    c.optim = ConfigDict(dict(
+        name="adamw", lr=1e-3, end_lr=1e-4, schedule="cosine", warmup_steps=100, decay_steps=0,
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, decay_embeddings=False, grad_clip=1.0,
+        grad_accum_steps=1))
+    # One axis may be -1 (the remaining devices). rules: dp | fsdp | fsdp_tp.
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="dp"))
+    c.train = ConfigDict(dict(
+        steps=1000, batch_size=32, log_every=50, eval_every=500, checkpoint_every=500,
+        keep_checkpoints=3, async_checkpoint=True, distributed=False,
+        preemption_sync_every=10))
+    c.evals = ConfigDict(dict(max_batches=0))  # 0 = the whole validation split
+    c.init_from = ""
+    return c
+
+
+def parse_arg(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """'small' or 'size=small,runlocal' -> {'variant': 'small', 'runlocal': True, ...}."""
+    out = dict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            out[key] = value
+        elif part in defaults and isinstance(defaults[part], bool):
+            out[part] = True
+        else:
+            out["variant"] = part
+    return out

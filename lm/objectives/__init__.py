@@ -1,0 +1,23 @@
+"""Objectives by name (imported lazily so each pulls in only what it needs)."""
+
+from __future__ import annotations
+
+import importlib
+
+from ml_collections import ConfigDict
+
+from lm.objectives.base import Objective
+
+OBJECTIVES = {
+    "causal_lm": "lm.objectives.causal_lm:CausalLM",
+    "bert": "lm.objectives.bert:BertPretraining",
+}
+
+
+def get(config: ConfigDict) -> Objective:
+    """Instantiates `config.objective`."""
+    name = config.objective
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective: unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+    module, cls = OBJECTIVES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(config)

@@ -1,0 +1,74 @@
+"""Causal language modelling (GPT): predict token t+1 from tokens <= t."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lm.data.pipeline import build_lm_data
+from lm.models.config import ModelConfig
+from lm.models.transformer import Decoder
+from lm.objectives.base import Batch, Data, Metrics, Objective
+
+
+def token_cross_entropy(logits_BLV: jnp.ndarray, targets_BL: jnp.ndarray,
+                        weights_BL: jnp.ndarray) -> Metrics:
+    """Weighted next-token loss and accuracy as (sum, count); logits are fp32."""
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32),
+                                                            targets_BL)
+    correct_BL = (jnp.argmax(logits_BLV, -1) == targets_BL).astype(jnp.float32)
+    count = weights_BL.sum()
+    return {"loss": ((ce_BL * weights_BL).sum(), count),
+            "accuracy": ((correct_BL * weights_BL).sum(), count)}
+
+
+class CausalLM(Objective):
+    """Batches: inputs / targets / weights / segment_ids / positions, all [B, L]."""
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.config.data.seq_len)
+
+    def build_data(self, workdir: str, process_index: int, process_count: int) -> Data:
+        cfg = self.config
+        lm_data = build_lm_data(cfg.data, workdir=workdir, seq_len=self.seq_len,
+                                batch_size=cfg.train.batch_size, seed=cfg.seed,
+                                process_index=process_index, process_count=process_count)
+        return Data(lm_data.tokenizer, lm_data.train_iter, lm_data.eval_batches)
+
+    def model_overrides(self, data: Data) -> dict[str, Any]:
+        return {"vocab_size": data.tokenizer.vocab_size}
+
+    def build_model(self, model_cfg: ModelConfig) -> Decoder:
+        return Decoder(model_cfg)
+
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        shape = (batch_size, self.seq_len)
+        ids = np.zeros(shape, np.int32)
+        return {"inputs": ids, "targets": ids, "weights": np.ones(shape, np.float32),
+                "segment_ids": np.ones(shape, np.int32),
+                "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), shape)}
+
+    def init(self, model: Decoder, rng: jax.Array, batch: Batch) -> Any:
+        return model.init(rng, batch["inputs"])
+
+    def metrics(self, model: Decoder, params: Any, batch: Batch, rng: jax.Array | None,
+                train: bool) -> Metrics:
+        # Chunked streams have one unpadded sequence per row: no segment ids lets the
+        # fused kernels use a plain causal mask.
+        packed = self.config.data.pack != "chunk"
+        logits = model.apply(
+            {"params": params}, batch["inputs"], batch["segment_ids"] if packed else None,
+            batch["positions"], deterministic=not train,
+            rngs={"dropout": rng} if train and rng is not None else None)
+        return token_cross_entropy(logits, batch["targets"], batch["weights"])
+
+    def tokens_per_example(self) -> int:
+        return self.seq_len
+
+    def flops_per_token(self, model_cfg: ModelConfig) -> float:
+        return model_cfg.flops_per_token(self.seq_len)
