@@ -60,7 +60,8 @@ def base_config() -> ConfigDict:
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, decay_embeddings=False, grad_clip=1.0,
         grad_accum_steps=1))
     # One axis may be -1 (the remaining devices). rules: dp | fsdp | fsdp_tp.
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="dp"))
+    # num_devices: use the first N devices only (0 = all).
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="dp", num_devices=0))
     c.train = ConfigDict(dict(
         steps=1000, batch_size=32, log_every=50, eval_every=500, checkpoint_every=500,
         keep_checkpoints=3, async_checkpoint=True, distributed=False,

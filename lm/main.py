@@ -37,7 +37,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         rest = FLAGS(argv)
         config = FLAGS.config  # applies the --config.* overrides
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        msg = " ".join(str(e).replace("\\n", " ").replace("\\", "").split()).strip("'\"")
+        msg = " ".join(str(e).replace("\\n", " ").replace("\\", "").replace("'", "").split())
         fail(f"bad flag: {msg}")
     if config is None or not FLAGS.workdir:
         fail("--config and --workdir are required")

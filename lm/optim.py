@@ -15,8 +15,14 @@ import optax
 
 
 def schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then decay to `end_lr` at
-    `decay_steps` (default: the run length)."""
+    """Linear warmup to `lr` over `warmup_steps`, then decay to `end_lr` at `decay_steps`
+    (default: the run length). Update k (0-based) uses the value at k + 1, so the first
+    update already moves the weights (lr / warmup_steps), as in nanoGPT."""
+    base = _base_schedule(cfg, total_steps)
+    return lambda step: base(step + 1)
+
+
+def _base_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     lr, end_lr, warmup = cfg["lr"], cfg["end_lr"], cfg["warmup_steps"]
     decay_steps = cfg.get("decay_steps") or total_steps
     kind = cfg["schedule"]

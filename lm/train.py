@@ -57,7 +57,8 @@ class NonFiniteLoss(RuntimeError):
 
 def build(config: ConfigDict, workdir: str) -> Setup:
     """Mesh, data, model, optimizer and the sharded state initializer (no compute yet)."""
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    devices = jax.devices()[: config.mesh.num_devices] if config.mesh.num_devices else None
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
     rules = sharding.get_rules(config.mesh.rules)
     sharding.check_batch_divisible(config.train.batch_size, mesh)
     accum = config.optim.grad_accum_steps
@@ -119,7 +120,7 @@ def make_train_step(setup: Setup, accum: int) -> Callable:
         params = optax.apply_updates(state.params, updates)
         out = {f"train/{k}": s / jnp.maximum(c, 1.0) for k, (s, c) in metrics.items()}
         out["train/lr"] = setup.lr(state.step)
-        out["train/grad_norm"] = optax.global_norm(grads)
+        out["train/grad_norm"] = optax.tree.norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
     batch_sh = sharding.batch_sharding(setup.mesh)
