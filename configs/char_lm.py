@@ -31,13 +31,15 @@ def get_config(arg: str | None = None):
     c.model = model_config(
         "gpt2_small", vocab_size=0, num_layers=v["layers"], num_heads=v["heads"],
         d_model=v["width"], mlp_dim=4 * v["width"], max_len=v["seq"], dropout_rate=v["dropout"],
-        attention_dropout_rate=v["dropout"], activation="gelu")
+        attention_dropout_rate=v["dropout"], activation="gelu", use_bias=False)
     c.data.path = "../shared/data/tinyshakespeare/input.txt"
     c.data.tokenizer = "char"
     c.data.seq_len = v["seq"]
     c.data.val_fraction = 0.1
+    # As nanoGPT: no biases in linear layers, weight decay on every 2-D weight including
+    # the embeddings.
     c.optim.update(lr=v["lr"], end_lr=v["lr"] / 10, warmup_steps=v["warmup"], b2=0.99,
-                   weight_decay=0.1, grad_clip=1.0)
+                   weight_decay=0.1, grad_clip=1.0, decay_embeddings=True)
     c.train.update(steps=v["steps"], batch_size=v["batch"], log_every=max(v["steps"] // 40, 1),
                    eval_every=max(v["steps"] // 8, 1), checkpoint_every=max(v["steps"] // 4, 1))
     c.evals.max_batches = 0 if args["variant"] != "test" else 2

@@ -73,7 +73,8 @@ def activation(name: str, x: jnp.ndarray) -> jnp.ndarray:
 
 
 class Dense(nn.Module):
-    """Bias-optional dense layer with logical axis names on its kernel and bias."""
+    """x @ kernel [+ bias], kernel/bias named by logical axes, computed in the compute dtype
+    (parameters `kernel` [in, out] and `bias` [out] directly under this module)."""
 
     cfg: ModelConfig
     features: int
@@ -84,14 +85,17 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg = self.cfg
-        use_bias = cfg.use_bias if self.use_bias is None else self.use_bias
-        return nn.Dense(
-            self.features, use_bias=use_bias, dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            kernel_init=param_init(cfg, self.axes,
-                                   nn.initializers.normal(cfg.init_std * self.init_scale)),
-            bias_init=param_init(cfg, self.axes[-1:], nn.initializers.zeros_init()),
-            name="dense")(x)
+        kernel = self.param(
+            "kernel", param_init(cfg, self.axes, nn.initializers.normal(
+                cfg.init_std * self.init_scale)),
+            (x.shape[-1], self.features), cfg.params_dtype)
+        y = jnp.dot(x.astype(cfg.compute_dtype), jnp.asarray(kernel, cfg.compute_dtype))
+        if cfg.use_bias if self.use_bias is None else self.use_bias:
+            bias = self.param("bias", param_init(cfg, self.axes[-1:],
+                                                 nn.initializers.zeros_init()),
+                              (self.features,), cfg.params_dtype)
+            y = y + jnp.asarray(bias, cfg.compute_dtype)
+        return y
 
 
 class Mlp(nn.Module):
