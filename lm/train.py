@@ -70,6 +70,13 @@ def build(config: ConfigDict, workdir: str) -> Setup:
     model_cfg = to_model_config(config.model, **objective.model_overrides(data))
     model = objective.build_model(model_cfg)
     tx, lr = optim.build(config.optim, config.train.steps)
+    state_sharding, init_state = make_state_init(config, objective, model, tx, mesh, rules)
+    return Setup(objective, model, model_cfg, data, mesh, tx, lr, state_sharding, init_state)
+
+
+def make_state_init(config: ConfigDict, objective: Objective, model: nn.Module, tx, mesh,
+                    rules) -> tuple[Any, Callable[[], TrainState]]:
+    """(state shardings, a no-argument jitted initializer of the sharded TrainState)."""
     dummy = objective.dummy_batch(1)
 
     def init_boxed(rng):
@@ -81,8 +88,26 @@ def build(config: ConfigDict, workdir: str) -> Setup:
     abstract = jax.eval_shape(init_boxed, key)
     state_sharding = sharding.param_shardings(abstract, mesh, rules)
     init_state = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=state_sharding)
-    return Setup(objective, model, model_cfg, data, mesh, tx, lr, state_sharding,
-                 functools.partial(init_state, key))
+    return state_sharding, functools.partial(init_state, key)
+
+
+def restore_params(config: ConfigDict, workdir: str, model_cfg, step: int | None = None):
+    """(objective, model, params) of a run's checkpoint, without building its data."""
+    objective = objectives.get(config)
+    model = objective.build_model(model_cfg)
+    mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+    tx, _ = optim.build(config.optim, config.train.steps)
+    state_sharding, init_state = make_state_init(config, objective, model, tx, mesh,
+                                                 sharding.get_rules("dp"))
+    abstract = jax.eval_shape(init_state)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_sharding)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=1, save_every=1)
+    try:
+        state, _ = ckpt.restore(step, abstract)
+    finally:
+        ckpt.close()
+    return objective, model, state.params
 
 
 def make_train_step(setup: Setup, accum: int) -> Callable:

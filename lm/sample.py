@@ -1,0 +1,69 @@
+"""`python -m lm.sample --workdir=DIR --prompt TEXT [--max_new_tokens N --temperature T
+--top_k K --top_p P --seed S --num_samples N]`: sample from a causal-LM run's latest
+checkpoint through the KV cache (greedy when --temperature=0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import ConfigDict
+
+flags.DEFINE_string("workdir", None, "Run directory of a causal-LM run.")
+flags.DEFINE_string("prompt", "\n", "Text to continue.")
+flags.DEFINE_integer("max_new_tokens", 300, "Tokens to sample.")
+flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("num_samples", 1, "Independent samples.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+FLAGS = flags.FLAGS
+
+
+def load_run(workdir: str, step: int | None = None):
+    """(model config, params, tokenizer) of a causal-LM run directory."""
+    from lm import train
+    from lm.config_base import to_model_config
+    from lm.data.tokenizers import load_tokenizer
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--workdir: no config.json in {workdir}")
+    with open(path) as f:
+        config = ConfigDict(json.load(f))
+    tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
+    model_cfg = to_model_config(config.model, vocab_size=tokenizer.vocab_size)
+    _, _, params = train.restore_params(config, workdir, model_cfg, step)
+    return model_cfg, params, tokenizer
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from lm.generate import generate
+
+    try:
+        if not FLAGS.workdir:
+            raise ValueError("--workdir is required")
+        model_cfg, params, tokenizer = load_run(FLAGS.workdir, FLAGS.step)
+        ids = tokenizer.encode(FLAGS.prompt)
+        if not ids:
+            raise ValueError("--prompt: encodes to no tokens")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    prompt = np.tile(np.asarray(ids, np.int32)[None], (FLAGS.num_samples, 1))
+    out = generate(model_cfg, params, prompt, max_new_tokens=FLAGS.max_new_tokens,
+                   temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                   seed=FLAGS.seed, eos_id=tokenizer.special_id("</s>"))
+    for row in out:
+        print(tokenizer.decode(row.tolist()))
+        if FLAGS.num_samples > 1:
+            print("-" * 40)
+
+
+if __name__ == "__main__":
+    app.run(main)
