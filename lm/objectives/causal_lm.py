@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm.data.pipeline import build_lm_data
 from lm.models.config import ModelConfig
 from lm.models.transformer import Decoder
 from lm.objectives.base import Batch, Data, Metrics, Objective
@@ -34,6 +33,9 @@ class CausalLM(Objective):
         return int(self.config.data.seq_len)
 
     def build_data(self, workdir: str, process_index: int, process_count: int) -> Data:
+        from lm.data.pipeline import build_lm_data  # noqa: PLC0415 (keeps grain/tfds off
+        # the import path of model-only uses such as benchmarks and sampling)
+
         cfg = self.config
         lm_data = build_lm_data(cfg.data, workdir=workdir, seq_len=self.seq_len,
                                 batch_size=cfg.train.batch_size, seed=cfg.seed,

@@ -1,0 +1,220 @@
+"""Training-step throughput: our jitted step vs Hugging Face transformers (PyTorch eager)
+on the same shape, alternating A B A B in one process, plus this machine's GEMM ceiling.
+
+  gpt   our causal-LM step vs GPT2LMHeadModel (4 layers, width 256, 4 heads, seq 128,
+        batch 16, vocab 50257, AdamW)
+  bert  our MLM + NSP step vs BertForPreTraining (same shape, vocab 30522, 20 predictions
+        per sequence)
+
+One JSON line per measurement (what, impl, config, tokens/s, step time, model GFLOP/s,
+fraction of the measured GEMM ceiling, peak memory), then one line per ratio.
+
+    python benchmarks/train_step.py --model gpt --dtype float32 --rounds 3
+    python benchmarks/train_step.py --model gpt --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from lm import optim, reporting, sharding, train
+from lm.config_base import base_config, model_config, to_model_config
+from lm.objectives import get as get_objective
+
+SHAPE = dict(layers=4, width=256, heads=4, seq=128, batch=16)
+VOCAB = {"gpt": 50257, "bert": 30522}
+PREDICTIONS = 20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gemm_ceiling(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n x n matmul in `dtype` (fp32 accumulation for bf16)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    jax.block_until_ready(f(a, a))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, a))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+# ------------------------------------------------------------------------ ours
+def our_config(kind: str, dtype: str, preset: str = "", attention_impl: str = "einsum",
+               remat: str = "none", scan: bool = False) -> ConfigDict:
+    c = base_config()
+    s = SHAPE
+    if kind == "gpt":
+        c.objective = "causal_lm"
+        shape = {} if preset else dict(num_layers=s["layers"], d_model=s["width"],
+                                       num_heads=s["heads"], mlp_dim=4 * s["width"])
+        c.model = model_config(preset or "gpt2_small", **shape, max_len=s["seq"],
+                               vocab_size=VOCAB[kind], dropout_rate=0.0,
+                               attention_dropout_rate=0.0, dtype=dtype,
+                               attention_impl=attention_impl, remat=remat, scan_layers=scan)
+    else:
+        c.objective = "bert"
+        c.model = model_config("bert_mini", num_layers=s["layers"], d_model=s["width"],
+                               num_heads=s["heads"], mlp_dim=4 * s["width"], max_len=512,
+                               vocab_size=VOCAB[kind], dropout_rate=0.0,
+                               attention_dropout_rate=0.0, dtype=dtype)
+        c.data.max_predictions = PREDICTIONS
+    c.data.seq_len = s["seq"]
+    c.train.batch_size = s["batch"]
+    c.optim.update(lr=1e-4, warmup_steps=0, weight_decay=0.01, grad_clip=0.0)
+    return c
+
+
+def our_step(kind: str, dtype: str, **model_opts):
+    """(step_fn(), flops_per_token) running our real jitted train step on one device."""
+    config = our_config(kind, dtype, **model_opts)
+    objective = get_objective(config)
+    model_cfg = to_model_config(config.model)
+    model = objective.build_model(model_cfg)
+    mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+    tx, lr = optim.build(config.optim, 1000)
+    state_sharding, init_state = train.make_state_init(
+        config, objective, model, tx, mesh, sharding.get_rules("dp"))
+    setup = train.Setup(objective, model, model_cfg, None, mesh, tx, lr, state_sharding,
+                        init_state)
+    step = train.make_train_step(setup, 1)
+    rng = np.random.default_rng(0)
+    batch = objective.dummy_batch(SHAPE["batch"])
+    for key in ("inputs", "targets", "input_ids"):
+        if key in batch:
+            batch[key] = rng.integers(5, VOCAB[kind], batch[key].shape).astype(np.int32)
+    if "masked_positions" in batch:
+        batch["masked_positions"] = np.sort(rng.choice(
+            np.arange(1, SHAPE["seq"]), (SHAPE["batch"], PREDICTIONS)), axis=1).astype(np.int32)
+    batch = sharding.shard_batch(batch, mesh)
+    holder = {"state": init_state()}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics
+
+    jax.block_until_ready(run())
+    return (lambda: jax.block_until_ready(run())), objective.flops_per_token(model_cfg)
+
+
+# ------------------------------------------------------------------------- HF
+def hf_step(kind: str):
+    import torch
+    import transformers as tr
+
+    torch.manual_seed(0)
+    s = SHAPE
+    if kind == "gpt":
+        cfg = tr.GPT2Config(n_layer=s["layers"], n_embd=s["width"], n_head=s["heads"],
+                            n_positions=s["seq"], vocab_size=VOCAB[kind], resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)
+        model = tr.GPT2LMHeadModel(cfg)
+        ids = torch.randint(5, VOCAB[kind], (s["batch"], s["seq"]))
+
+        def loss_fn():
+            return model(input_ids=ids, labels=ids).loss
+    else:
+        cfg = tr.BertConfig(num_hidden_layers=s["layers"], hidden_size=s["width"],
+                            num_attention_heads=s["heads"], intermediate_size=4 * s["width"],
+                            vocab_size=VOCAB[kind], hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+        model = tr.BertForPreTraining(cfg)
+        ids = torch.randint(5, VOCAB[kind], (s["batch"], s["seq"]))
+        labels = torch.full_like(ids, -100)
+        rows = torch.arange(s["batch"])[:, None]
+        cols = torch.stack([torch.randperm(s["seq"] - 1)[:PREDICTIONS] + 1
+                            for _ in range(s["batch"])])
+        labels[rows, cols] = ids[rows, cols]
+        nsp = torch.randint(0, 2, (s["batch"],))
+
+        def loss_fn():
+            return model(input_ids=ids, labels=labels, next_sentence_label=nsp).loss
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+
+    run()
+    return run
+
+
+def timed(fn, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["gpt", "bert"], default="gpt")
+    p.add_argument("--dtype", default="float32", help="our compute dtype (HF stays fp32)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--no_hf", action="store_true")
+    p.add_argument("--preset", default="", help="a model preset instead of the 4x256 shape")
+    p.add_argument("--seq", type=int, default=SHAPE["seq"])
+    p.add_argument("--batch", type=int, default=SHAPE["batch"])
+    p.add_argument("--attention_impl", default="einsum", help="einsum | xla | cudnn")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--scan", action="store_true")
+    args = p.parse_args()
+    SHAPE.update(seq=args.seq, batch=args.batch)
+    if not args.no_hf:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    tokens = SHAPE["batch"] * SHAPE["seq"]
+    n = 8192 if jax.devices()[0].platform == "gpu" else 2048
+    ceiling = {d: gemm_ceiling(d, n) for d in ("float32", args.dtype)}
+    print(json.dumps({"what": "gemm_ceiling", "device": jax.devices()[0].device_kind,
+                      "gflops_per_s": {k: round(v, 1) for k, v in ceiling.items()}}), flush=True)
+    peak = reporting.device_peak_flops(jax.devices()[0], args.dtype)
+    ours, flops_per_token = our_step(args.model, args.dtype, preset=args.preset,
+                                     attention_impl=args.attention_impl, remat=args.remat,
+                                     scan=args.scan)
+    hf = None if args.no_hf else hf_step(args.model)
+    times: dict[str, list[float]] = {"lm": [], "hf": []}
+    for r in range(args.rounds):
+        for impl, fn in (("lm", ours), ("hf", hf)):
+            if fn is None:
+                continue
+            t = timed(fn, args.steps)
+            times[impl].append(t)
+            gflops = flops_per_token * tokens / t / 1e9
+            dtype = args.dtype if impl == "lm" else "float32"
+            print(json.dumps({
+                "what": f"train_step_{args.model}", "impl": impl, "round": r, "dtype": dtype,
+                "config": SHAPE | {"vocab": VOCAB[args.model], "preset": args.preset,
+                               "attention": args.attention_impl, "remat": args.remat},
+                "step_time_s": round(t, 4), "tokens_per_sec": round(tokens / t, 1),
+                "model_gflops_per_s": round(gflops, 1),
+                "mfu_vs_gemm_ceiling": round(gflops / ceiling[dtype], 3),
+                **({"mfu_vs_device_peak": round(gflops * 1e9 / peak, 3)}
+                   if peak and impl == "lm" else {}),
+                "peak_rss_mb": round(peak_rss_mb(), 1)}), flush=True)
+    if times["hf"]:
+        ratio = float(np.median(times["hf"]) / np.median(times["lm"]))
+        print(json.dumps({"what": f"ratio_{args.model}", "dtype": args.dtype,
+                          "lm_over_hf_tokens_per_sec": round(ratio, 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
