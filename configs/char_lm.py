@@ -36,6 +36,7 @@ def get_config(arg: str | None = None):
     c.data.tokenizer = "char"
     c.data.seq_len = v["seq"]
     c.data.val_fraction = 0.1
+    c.data.train_stride = 1  # windows at every offset, as nanoGPT samples them
     # As nanoGPT: no biases in linear layers, weight decay on every 2-D weight including
     # the embeddings.
     c.optim.update(lr=v["lr"], end_lr=v["lr"] / 10, warmup_steps=v["warmup"], b2=0.99,

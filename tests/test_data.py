@@ -385,3 +385,13 @@ def test_build_lm_data_errors(tmp_path):
         pipeline.build_lm_data(
             _data_cfg(path=path), workdir=workdir, seq_len=64, batch_size=2, seed=0
         )
+
+
+def test_window_stride_covers_every_offset():
+    tokens = np.arange(10, dtype=np.int32)
+    aligned = pipeline.LMWindows(tokens, None, 4)
+    assert len(aligned) == 2 and aligned[1]["inputs"].tolist() == [4, 5, 6, 7]
+    every = pipeline.LMWindows(tokens, None, 4, stride=1)
+    assert len(every) == 6  # starts 0..5; the last target is token 9
+    assert every[5]["inputs"].tolist() == [5, 6, 7, 8]
+    assert every[5]["targets"].tolist() == [6, 7, 8, 9]

@@ -159,7 +159,11 @@ class LMWindows:
         *,
         pack: str = "chunk",
         cache_prefix: str | None = None,
+        stride: int = 0,
     ):
+        """`stride` between window starts (0 = seq_len: non-overlapping). A stride of 1
+        makes every offset a window, so shuffled training sees windows at random offsets,
+        as nanoGPT's sampler does, instead of the same aligned chunks every epoch."""
         if pack not in PACK_MODES:
             raise ValueError(f"data.pack: unknown mode {pack!r} (expected one of {PACK_MODES})")
         if seq_len < 1:
@@ -168,15 +172,17 @@ class LMWindows:
             raise ValueError("data.pack='documents' needs document indices for every token")
         self.tokens, self.doc_ids = tokens, doc_ids
         self.seq_len, self.pack, self.cache_prefix = seq_len, pack, cache_prefix
+        self.stride = stride or seq_len
 
     def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
+        return max(0, (len(self.tokens) - 1 - self.seq_len) // self.stride + 1)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} out of range [0, {len(self)})")
-        lo, hi = index * self.seq_len, (index + 1) * self.seq_len + 1
+        lo = index * self.stride
+        hi = lo + self.seq_len + 1
         docs = self.doc_ids[lo:hi] if self.pack == "documents" else None
         return pack_window(self.tokens[lo:hi], docs)
 
@@ -401,7 +407,9 @@ def build_lm_data(
         tokens, docs, prefix = tokenize_split(
             split, tokenizer, cache_dir=os.path.join(data_dir, "tokens"), tokenizer_key=key
         )
-        windows[name] = LMWindows(tokens, docs, seq_len, pack=pack, cache_prefix=prefix)
+        stride = data_cfg.get("train_stride", 0) if name == "train" else 0
+        windows[name] = LMWindows(tokens, docs, seq_len, pack=pack, cache_prefix=prefix,
+                                  stride=stride)
         if not len(windows[name]):
             raise ValueError(
                 f"data: the {name} split has {len(tokens)} tokens, too few for one window of "
