@@ -17,6 +17,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment file (configs/X.py:variant).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.json.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host without cluster auto-detection: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 class _Quiet(py_logging.Filter):
@@ -52,7 +56,10 @@ def main(argv: list[str]) -> None:
     import jax  # after flag parsing: XLA/platform flags are already in the environment
 
     if config.train.distributed:
-        jax.distributed.initialize()
+        # On TPU pods and SLURM/MPI clusters the arguments are detected; elsewhere pass
+        # --coordinator_address, --num_processes and --process_id.
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
     from lm import train
 
     logging.info("devices: %s", jax.devices())
