@@ -268,6 +268,10 @@ def load_tokenizer(directory: str) -> Tokenizer:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer manifest at {path}")
     kind = _read_manifest(directory).get("kind", "")
+    if kind == "gpt2_bpe":  # imported GPT-2 vocabularies (lm.convert)
+        from lm.convert.gpt2_bpe import GPT2BPETokenizer
+
+        return GPT2BPETokenizer.load(directory)
     _check_kind(kind)
     if kind == "char":
         return CharTokenizer.load(directory)
