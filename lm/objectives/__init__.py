@@ -11,6 +11,8 @@ from lm.objectives.base import Objective
 OBJECTIVES = {
     "causal_lm": "lm.objectives.causal_lm:CausalLM",
     "bert": "lm.objectives.bert:BertPretraining",
+    "classification": "lm.objectives.classification:Classification",
+    "tagging": "lm.objectives.tagging:Tagging",
 }
 
 

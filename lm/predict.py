@@ -1,0 +1,102 @@
+"""Predict with a fine-tuned run: `python -m lm.predict --workdir=DIR --text "..." [--text
+...] [--file texts.txt] [--step N]`.
+
+Loads DIR's config.json, tokenizer, labels.json and checkpoint (the latest, or --step) and
+prints one line per text: `LABEL<TAB>SCORE<TAB>TEXT` for classification (SCORE is the
+softmax probability of LABEL; a tab inside a text separates a sentence pair), `word/TAG ...`
+for tagging. --file reads one text per line. Errors are one line on stderr, exit code 1.
+
+The training data is not needed: unlike `lm.train.build`, which reads and tokenizes the
+training set, this builds only the model and the abstract train state to restore into.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, Any]:
+    """(objective ready to predict, model, params) of a trained run."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from ml_collections import ConfigDict
+
+    from lm import checkpoint, objectives, optim, train
+    from lm.config_base import to_model_config
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--workdir: no config.json in {workdir} (not a run directory)")
+    with open(path) as f:
+        config = ConfigDict(json.load(f))
+    objective = objectives.get(config)
+    if not hasattr(objective, "predict"):
+        raise ValueError(f"objective: {config.objective!r} has no prediction")
+    objective.load_inference(workdir)
+    model_cfg = to_model_config(config.model, vocab_size=objective.tokenizer.vocab_size)
+    model = objective.build_model(model_cfg)
+    tx, _ = optim.build(config.optim, config.train.steps)
+    dummy = objective.dummy_batch(1)
+
+    def init_state(rng):
+        params = nn.unbox(objective.init(model, rng, dummy)["params"])
+        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params), rng=jax.random.key_data(rng))
+
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"--workdir: no checkpoint in {workdir}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          jax.eval_shape(init_state, jax.random.key(0)))
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=max(config.train.keep_checkpoints, 1),
+                                   save_every=1, async_save=False)
+    try:
+        state, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    return objective, model, state.params
+
+
+def read_texts(texts: list[str], files: list[str]) -> list[str]:
+    out = list(texts)
+    for name in files:
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"--file: file not found: {name}")
+        with open(name, encoding="utf-8") as f:
+            out.extend(line.rstrip("\n") for line in f if line.strip())
+    if not out:
+        raise ValueError("--text / --file: nothing to predict")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lm.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="run directory of a fine-tuning run")
+    parser.add_argument("--text", action="append", default=[], help="a text (repeatable)")
+    parser.add_argument("--file", action="append", default=[], help="one text per line")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
+    args = parser.parse_args(argv)
+    try:
+        if not os.path.isdir(args.workdir):
+            raise FileNotFoundError(f"--workdir: no such directory: {args.workdir}")
+        texts = read_texts(args.text, args.file)
+        objective, model, params = load_run(os.path.abspath(args.workdir), args.step)
+        lines = objective.predict(model, params, texts)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e).strip("'\""))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
