@@ -136,10 +136,10 @@ def make_train_step(setup: Setup, accum: int) -> Callable:
                 (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)[::-1]))
-            (grads, metrics), _ = jax.lax.scan(
-                body, (zeros[0], zeros[1][1]), (jnp.arange(accum), micro))
+            first = jax.tree.map(lambda x: x[0], micro)
+            (_, m_shape), g_shape = jax.eval_shape(grad_fn, state.params, first, rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_shape, m_shape))
+            (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
             grads = jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -115,6 +115,18 @@ def test_resume_in_new_process_is_bit_exact(tmp_path):
     assert losses(straight) == losses(split)  # and every step's loss agrees exactly
 
 
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    base = {"train.steps": 3, "train.log_every": 1, "train.eval_every": 3}
+    train.train_and_evaluate(make_config(tmp_path, **base), str(tmp_path / "full"))
+    last = train.train_and_evaluate(
+        make_config(tmp_path, **base, **{"optim.grad_accum_steps": 4}), str(tmp_path / "acc"))
+    full, acc = losses(tmp_path / "full"), losses(tmp_path / "acc")
+    assert sorted(acc) == [1, 2, 3]  # the logged step is the optimizer step
+    for step in full:
+        assert abs(full[step] - acc[step]) < 1e-5, (step, full[step], acc[step])
+    assert "eval/loss" in last
+
+
 # ----------------------------------------------------------------- 1 vs 8 devices
 @pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, rules="dp"),
                                   dict(data=1, fsdp=8, rules="fsdp"),

@@ -15,14 +15,19 @@ from lm.objectives.base import Batch, Data, Metrics, Objective
 
 
 def token_cross_entropy(logits_BLV: jnp.ndarray, targets_BL: jnp.ndarray,
-                        weights_BL: jnp.ndarray) -> Metrics:
-    """Weighted next-token loss and accuracy as (sum, count); logits are fp32."""
+                        weights_BL: jnp.ndarray, accuracy: bool = True) -> Metrics:
+    """Weighted next-token loss (and accuracy) as (sum, count); logits are fp32.
+
+    Accuracy costs one more pass over the [B, L, V] logits (hundreds of MB for a GPT-2
+    vocabulary), so training steps leave it to evaluation."""
     ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32),
                                                             targets_BL)
-    correct_BL = (jnp.argmax(logits_BLV, -1) == targets_BL).astype(jnp.float32)
     count = weights_BL.sum()
-    return {"loss": ((ce_BL * weights_BL).sum(), count),
-            "accuracy": ((correct_BL * weights_BL).sum(), count)}
+    out = {"loss": ((ce_BL * weights_BL).sum(), count)}
+    if accuracy:
+        correct_BL = (jnp.argmax(logits_BLV, -1) == targets_BL).astype(jnp.float32)
+        out["accuracy"] = ((correct_BL * weights_BL).sum(), count)
+    return out
 
 
 class CausalLM(Objective):
@@ -67,7 +72,8 @@ class CausalLM(Objective):
             {"params": params}, batch["inputs"], batch["segment_ids"] if packed else None,
             batch["positions"], deterministic=not train,
             rngs={"dropout": rng} if train and rng is not None else None)
-        return token_cross_entropy(logits, batch["targets"], batch["weights"])
+        return token_cross_entropy(logits, batch["targets"], batch["weights"],
+                                   accuracy=not train)
 
     def tokens_per_example(self) -> int:
         return self.seq_len
