@@ -7,7 +7,7 @@ softmax probability of LABEL; a tab inside a text separates a sentence pair), `w
 for tagging. --file reads one text per line. Errors are one line on stderr, exit code 1.
 
 The training data is not needed: unlike `lm.train.build`, which reads and tokenizes the
-training set, this builds only the model and the abstract train state to restore into.
+training set, this builds only the model, and reads only the params of the checkpoint.
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ def fail(message: str) -> None:
 
 def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, Any]:
     """(objective ready to predict, model, params) of a trained run."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
     from ml_collections import ConfigDict
 
-    from lm import checkpoint, objectives, optim, train
+    from lm import objectives
     from lm.config_base import to_model_config
+    from lm.init_from import read_run_params
 
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
@@ -43,28 +41,12 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, Any]:
     if not hasattr(objective, "predict"):
         raise ValueError(f"objective: {config.objective!r} has no prediction")
     objective.load_inference(workdir)
-    model_cfg = to_model_config(config.model, vocab_size=objective.tokenizer.vocab_size)
-    model = objective.build_model(model_cfg)
-    tx, _ = optim.build(config.optim, config.train.steps)
-    dummy = objective.dummy_batch(1)
-
-    def init_state(rng):
-        params = nn.unbox(objective.init(model, rng, dummy)["params"])
-        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(params), rng=jax.random.key_data(rng))
-
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"--workdir: no checkpoint in {workdir}")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(init_state, jax.random.key(0)))
-    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=max(config.train.keep_checkpoints, 1),
-                                   save_every=1, async_save=False)
-    try:
-        state, _ = ckpt.restore(step, target)
-    finally:
-        ckpt.close()
-    return objective, model, state.params
+    model = objective.build_model(
+        to_model_config(config.model, vocab_size=objective.tokenizer.vocab_size))
+    # Read-only (params only, as numpy): safe on a run that is still training, whose
+    # in-flight saves an orbax manager would clean up.
+    params, _ = read_run_params(workdir, step)
+    return objective, model, params
 
 
 def read_texts(texts: list[str], files: list[str]) -> list[str]:
