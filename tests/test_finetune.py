@@ -153,6 +153,24 @@ def test_labels_are_saved_and_reused(tmp_path):
         labelled.resolve_labels(str(tmp_path), [], {"a", "c"})
 
 
+def test_tokenizer_comes_from_the_init_run(tmp_path):
+    from ml_collections import ConfigDict
+
+    run = tmp_path / "pretrain"
+    WordPieceTokenizer.from_vocab_file(vocab_file(tmp_path)).save(run / "tokenizer")
+    for spec in (str(run), f"{run}@100"):
+        c = ConfigDict({"init_from": spec, "data": dict(
+            tokenizer="wordpiece", tokenizer_path="", tokenizer_from_init=True, vocab_size=0)})
+        workdir = tmp_path / f"ft{len(spec)}"
+        workdir.mkdir()
+        tok = labelled.build_tokenizer(c, str(workdir), lambda: [])
+        assert tok.vocab_size == len(VOCAB)
+        assert (workdir / "tokenizer" / "vocab.txt").read_text().split() == VOCAB
+    c.init_from = ""
+    with pytest.raises(ValueError, match="--config.init_from="):
+        labelled.build_tokenizer(c, str(tmp_path), lambda: [])
+
+
 # ------------------------------------------------------------------ encoding
 def test_first_subtoken_labels(tmp_path):
     tok = WordPieceTokenizer.from_vocab_file(vocab_file(tmp_path))

@@ -262,7 +262,8 @@ def build_tokenizer(config: Any, workdir: str, corpus: Callable[[], Iterable[str
         if not config.get("init_from", ""):
             raise ValueError("init_from: this variant takes its tokenizer and weights from a "
                              "pretraining run: set --config.init_from=/path/to/run")
-        path = config.init_from
+        path, _, step = config.init_from.rpartition("@")
+        path = path if step.isdigit() else config.init_from  # 'DIR@STEP': the run's DIR
     path = resolve_tokenizer_path(path) if path else ""
     directory = os.path.join(workdir, "tokenizer")
     corpus_path = None
