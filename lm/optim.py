@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -19,7 +20,7 @@ def schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     (default: the run length). Update k (0-based) uses the value at k + 1, so the first
     update already moves the weights (lr / warmup_steps), as in nanoGPT."""
     base = _base_schedule(cfg, total_steps)
-    return lambda step: base(step + 1)
+    return lambda step: jnp.maximum(base(step + 1), 0.0)  # no rounding below zero
 
 
 def _base_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
