@@ -17,6 +17,7 @@ CORE = [
     "sentencepiece>=0.2.0",
     "tensorboardX>=2.6",
     "safetensors>=0.4",
+    "tokenizers>=0.19",  # WordPiece vocabulary training (BERT pretraining)
 ]
 
 setup(
