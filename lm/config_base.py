@@ -54,7 +54,7 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict(dict(
         path="", val_path="", val_fraction=0.1, tfds_name="", tfds_data_dir="", text_key="text",
         tokenizer="char", vocab_size=0, tokenizer_path="", pack="chunk", doc_separator="",
-        seq_len=128, train_stride=0, worker_count=0, eval_max_batches=0))
+        seq_len=128, train_stride=0, worker_count=0))
     c.optim = ConfigDict(dict(
         name="adamw", lr=1e-3, end_lr=1e-4, schedule="cosine", warmup_steps=100, decay_steps=0,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, decay_embeddings=False, grad_clip=1.0,

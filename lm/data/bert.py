@@ -76,8 +76,8 @@ class BertSpecials:
     def from_tokenizer(cls, tokenizer: _SpecialsTokenizer) -> BertSpecials:
         """Reads the ids from a project tokenizer; it must have [CLS], [SEP] and [MASK]."""
         ids = {}
-        for name in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"):
-            ids[name] = tokenizer.special_id(name)
+        for name in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"):
+            ids[name] = tokenizer.special_id(name)  # every reserved id stays unmasked
         lacking = [n for n in ("[CLS]", "[SEP]", "[MASK]") if ids[n] is None]
         if lacking:
             raise ValueError(f"tokenizer has no {lacking} tokens, which BERT examples need")
