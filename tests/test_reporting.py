@@ -155,14 +155,14 @@ def test_throughput_uses_clock():
 def test_progress_line():
     lines = []
     progress = reporting.ProgressLine(2000, every=20, log_fn=lines.append)
-    metrics = {"loss": 2.3454, "perf/tokens_per_sec": 12345.0, "perf/eta_s": 192.0}
+    metrics = {"train/loss": 2.3454, "perf/tokens_per_sec": 12345.0, "perf/eta_s": 192.0}
     assert progress.maybe_log(110, metrics) is None
     line = progress.maybe_log(120, metrics)
-    assert line == "step 120/2000 | loss 2.345 | 12.3k tok/s | eta 3m12s"
+    assert line == "step 120/2000 | loss 2.3454 | 12.3k tok/s | eta 3m12s"
     assert lines == [line]
     assert (
         progress.format(5, {"loss": 1.0, "perf/mfu": 0.4123})
-        == "step 5/2000 | loss 1.000 | mfu 41.2%"
+        == "step 5/2000 | loss 1.0000 | mfu 41.2%"
     )
     assert progress.maybe_log(7, {}, force=True) == "step 7/2000"
 
