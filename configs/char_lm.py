@@ -7,8 +7,9 @@
          batch 64, dropout 0.2, lr 1e-3, 5000 steps (nanoGPT reports 1.4697 on an A100).
   test   a few steps of a tiny model, for tests and smoke runs.
 
+python -m lm.main --config=configs/char_lm.py:baby --workdir=/tmp/baby   # downloads once
 python -m lm.main --config=configs/char_lm.py:baby --workdir=/tmp/baby \
-    --config.data.path=../shared/data/tinyshakespeare/input.txt
+    --config.data.path=../shared/data/tinyshakespeare/input.txt               # offline
 """
 
 from lm.config_base import base_config, model_config, parse_arg
@@ -32,7 +33,10 @@ def get_config(arg: str | None = None):
         "gpt2_small", vocab_size=0, num_layers=v["layers"], num_heads=v["heads"],
         d_model=v["width"], mlp_dim=4 * v["width"], max_len=v["seq"], dropout_rate=v["dropout"],
         attention_dropout_rate=v["dropout"], activation="gelu", use_bias=False)
-    c.data.path = "../shared/data/tinyshakespeare/input.txt"
+    # Offline: --config.data.path=FILE (e.g. ../shared/data/tinyshakespeare/input.txt).
+    c.data.url = ("https://raw.githubusercontent.com/karpathy/char-rnn/"
+                  "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt")
+    c.data.sha256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
     c.data.tokenizer = "char"
     c.data.seq_len = v["seq"]
     c.data.val_fraction = 0.1

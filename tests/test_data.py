@@ -395,3 +395,24 @@ def test_window_stride_covers_every_offset():
     assert len(every) == 6  # starts 0..5; the last target is token 9
     assert every[5]["inputs"].tolist() == [5, 6, 7, 8]
     assert every[5]["targets"].tolist() == [6, 7, 8, 9]
+
+
+def test_fetch_url_checks_the_checksum_and_caches(tmp_path):
+    import hashlib
+
+    from lm.data.sources import fetch_url
+
+    src = tmp_path / "input.txt"
+    src.write_text("to be or not to be\n")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    path = fetch_url(src.as_uri(), digest, str(cache))
+    assert open(path).read() == "to be or not to be\n"
+    src.unlink()  # a second call uses the cache, not the network
+    assert fetch_url(src.as_uri(), digest, str(cache)) == path
+    with pytest.raises(FileNotFoundError, match="data.url"):
+        fetch_url((tmp_path / "missing.txt").as_uri(), digest, str(cache))
+    other = tmp_path / "other.txt"
+    other.write_text("something else")
+    with pytest.raises(ValueError, match="data.sha256"):
+        fetch_url(other.as_uri(), digest[::-1], str(cache))

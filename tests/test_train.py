@@ -181,7 +181,8 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_zero(tmp_path):
     (["--config.data.tokenizer=morse"], "data.tokenizer"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, overrides, needle):
-    proc = run_main(tmp_path / "run", *overrides, check=False)
+    proc = run_main(tmp_path / "run", f"--config.data.path={corpus(tmp_path)}", *overrides,
+                    check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and needle in last, proc.stderr[-2000:]

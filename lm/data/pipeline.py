@@ -319,6 +319,8 @@ class LMData:
 
 def _open_splits(data_cfg: Any, data_dir: str) -> dict[str, sources_lib.TextSplit]:
     path, tfds_name = data_cfg.get("path", ""), data_cfg.get("tfds_name", "")
+    if not path and data_cfg.get("url", ""):
+        path = sources_lib.fetch_url(data_cfg.url, data_cfg.get("sha256", ""))
     if path:
         return sources_lib.load_local_text(
             path,
@@ -334,7 +336,8 @@ def _open_splits(data_cfg: Any, data_dir: str) -> dict[str, sources_lib.TextSpli
             text_key=data_cfg.get("text_key", "text"),
         )
     raise ValueError(
-        "data.path: no data source given (set --config.data.path=FILE or data.tfds_name)"
+        "data.path: no data source given (set --config.data.path=FILE, data.url or "
+        "data.tfds_name)"
     )
 
 

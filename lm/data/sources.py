@@ -272,3 +272,32 @@ def load_tfds_catalogue(
             fingerprint=f"tfds/{full_name}/{real_split}/{text_key}",
         )
     return splits
+
+
+def fetch_url(url: str, sha256: str, cache_dir: str = "") -> str:
+    """Downloads `url` once into the cache (default ~/.cache/lm or $LM_CACHE) and checks
+    its sha256; returns the local path. Offline or on a checksum mismatch, a one-line
+    error says so and suggests `data.path` instead."""
+    import urllib.request
+
+    cache_dir = cache_dir or os.environ.get("LM_CACHE") or os.path.expanduser("~/.cache/lm")
+    os.makedirs(cache_dir, exist_ok=True)
+    name = os.path.basename(url.rstrip("/")) or "download"
+    path = os.path.join(cache_dir, f"{sha256[:16]}-{name}")
+    if os.path.exists(path):
+        return path
+    tmp = f"{path}.part"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
+            out.write(response.read())
+    except OSError as e:
+        raise FileNotFoundError(
+            f"data.url: could not download {url} ({e}); offline, pass --config.data.path=FILE"
+        ) from None
+    with open(tmp, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != sha256:
+        os.remove(tmp)
+        raise ValueError(f"data.sha256: {url} has sha256 {digest}, expected {sha256}")
+    os.replace(tmp, path)
+    return path
