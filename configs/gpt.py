@@ -3,7 +3,8 @@ with a sentencepiece tokenizer trained from the training split into the run dire
 
   small | medium | large | xl   GPT-2 shapes (model presets), seq 1024
   tiny                          a 4-layer, 256-wide decoder that trains on a laptop CPU
-  runlocal (flag)               shrink any variant for a smoke run: --config=configs/gpt.py:small,runlocal
+  runlocal (flag)               shrink any variant for a smoke run
+                                (--config=configs/gpt.py:small,runlocal)
 
 python -m lm.main --config=configs/gpt.py:tiny --workdir=/tmp/gpt_tiny
 """

@@ -54,7 +54,8 @@ def base_config() -> ConfigDict:
     # data.path (a local file) wins; else data.url is downloaded once and checked against
     # data.sha256; else data.tfds_name is read from the tfds catalogue.
     c.data = ConfigDict(dict(
-        path="", url="", sha256="", val_path="", val_fraction=0.1, tfds_name="", tfds_data_dir="", text_key="text",
+        path="", url="", sha256="", val_path="", val_fraction=0.1, tfds_name="",
+        tfds_data_dir="", text_key="text",
         tokenizer="char", vocab_size=0, tokenizer_path="", pack="chunk", doc_separator="",
         seq_len=128, train_stride=0, worker_count=0))
     c.optim = ConfigDict(dict(
