@@ -192,7 +192,17 @@ def test_first_subtoken_labels(tmp_path):
     short, cut = labelled.tagging_source(
         tok, [labelled.TaggedSentence(tuple(words), ("B-PER", "O", "B-LOC", "B-PER"))],
         labels, seq_len=6)
-    assert cut == 1 and short[0]["num_entities"] == 3
+    assert cut == 1 and short[0]["num_entities"] == 3 and short[0]["entity_cut"] == 0
+    # ... and when the cut splits an entity, the row says so: it can never be matched.
+    split, _ = labelled.tagging_source(
+        tok, [labelled.TaggedSentence(tuple(words), ("B-PER", "O", "B-LOC", "I-LOC"))],
+        ["O", "B-LOC", "I-LOC", "B-PER"], seq_len=6)
+    assert split[0]["entity_cut"] == 1 and split[0]["num_entities"] == 2
+    prefix, kind = tag_tables(["O", "B-LOC", "I-LOC", "B-PER"])
+    batch = {k: jnp.asarray(v[None]) for k, v in split[0].items()}
+    counts = [entity_counts(batch["labels"], batch["labels"], batch["weights"], prefix, kind,
+                            cut) for cut in (None, batch["entity_cut"])]
+    assert [int(c[0]) for c in counts] == [2, 1]  # PER only; LOC 2..3 was cut at 2
     assert tok.tokens_of(short[0]["inputs"]) == ["[CLS]", "johan", "##son", "visited", "paris",
                                                  "[SEP]"]
     assert split_words("Acme's U.S. office, 1996-08-22!") == [

@@ -12,7 +12,9 @@ Examples are tokenized once, when the data is built, into fixed-shape arrays:
                   weights float32 [L] (1 on the first sub-token of each word, as BERT did:
                   the other sub-tokens, [CLS], [SEP] and padding are not scored),
                   num_entities int32 (gold entities of the whole sentence, so words cut off
-                  by truncation still count as missed)
+                  by truncation still count as missed), entity_cut int32 (1 when the last
+                  word kept is inside a gold entity that truncation cut: that entity can
+                  never be predicted right)
 """
 
 from __future__ import annotations
@@ -388,7 +390,7 @@ def tagging_source(tokenizer: tok_lib.Tokenizer, sentences: Sequence[TaggedSente
     arrays = {"inputs": np.zeros((n, seq_len), np.int32),
               "labels": np.zeros((n, seq_len), np.int32),
               "weights": np.zeros((n, seq_len), np.float32),
-              "num_entities": np.zeros(n, np.int32)}
+              "num_entities": np.zeros(n, np.int32), "entity_cut": np.zeros(n, np.int32)}
     cut = 0
     for i, s in enumerate(sentences):
         ids, first = encode_words(tokenizer, s.words, seq_len)
@@ -396,8 +398,11 @@ def tagging_source(tokenizer: tok_lib.Tokenizer, sentences: Sequence[TaggedSente
         scored = first >= 0
         arrays["labels"][i, : len(ids)][scored] = [index[s.tags[w]] for w in first[scored]]
         arrays["weights"][i, : len(ids)] = scored
-        arrays["num_entities"][i] = len(metrics_lib.get_entities(s.tags))
-        cut += len(s.words) - int(scored.sum())
+        entities = metrics_lib.get_entities(s.tags)
+        kept = int(scored.sum())
+        arrays["num_entities"][i] = len(entities)
+        arrays["entity_cut"][i] = any(start < kept <= end for _, start, end in entities)
+        cut += len(s.words) - kept
     arrays["segment_ids"] = (np.arange(seq_len) < _lengths(arrays["inputs"])[:, None]
                              ).astype(np.int32)
     arrays["token_types"] = np.zeros((n, seq_len), np.int32)

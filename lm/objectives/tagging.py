@@ -13,7 +13,8 @@ reference that the tests compare with): the scored positions of each row are gat
 the front (word order), chunk starts and ends are found from each tag and its neighbours,
 and a predicted entity is correct when a gold one starts at the same word, has the same
 type and ends at the same word. Gold counts come from the whole sentence, computed when
-the data is read, so entities cut off by truncation count as missed.
+the data is read, and a gold entity cut by truncation never matches, so the scores equal
+conlleval's on the full sentences with the words past seq_len predicted 'O'.
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ def _chunk_bounds(prefix_BT: jnp.ndarray, kind_BT: jnp.ndarray
 
 
 def entity_counts(gold_BL: jnp.ndarray, pred_BL: jnp.ndarray, weights_BL: jnp.ndarray,
-                  prefix_C: np.ndarray, kind_C: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray,
-                                                                    jnp.ndarray]:
+                  prefix_C: np.ndarray, kind_C: np.ndarray, cut_B: jnp.ndarray | None = None
+                  ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """(correct, predicted, gold) entity counts over the positions with weight > 0 (each
-    row read as one sentence in position order), as float32 scalars."""
+    row read as one sentence in position order), as float32 scalars. `cut_B`: rows whose
+    last scored word is inside a gold entity cut by truncation; the gold chunk that ends
+    there is not the real entity, so nothing matches it."""
     L = gold_BL.shape[1]
     pos = jnp.arange(L)
     scored = weights_BL > 0
@@ -96,6 +99,9 @@ def entity_counts(gold_BL: jnp.ndarray, pred_BL: jnp.ndarray, weights_BL: jnp.nd
     gs, ge, gk = bounds(gold_BL)
     ps, pe, pk = bounds(pred_BL)
     correct = gs & ps & (gk == pk) & (ge == pe)
+    if cut_B is not None:
+        last_B1 = valid.sum(1, keepdims=True) - 1
+        correct &= ~((cut_B[:, None] > 0) & (ge == last_B1))
     f32 = jnp.float32
     return correct.sum(dtype=f32), ps.sum(dtype=f32), gs.sum(dtype=f32)
 
@@ -108,7 +114,7 @@ def split_words(text: str) -> list[str]:
 
 class Tagging(LabelledObjective):
     """Batches: inputs / token_types / segment_ids / labels / weights [B, L], and
-    num_entities [B] (gold entities per sentence)."""
+    num_entities / entity_cut [B] (see lm.data.labelled)."""
 
     def build_data(self, workdir: str, process_index: int, process_count: int) -> Data:
         data = self.config.data
@@ -146,7 +152,8 @@ class Tagging(LabelledObjective):
     def _dummy_targets(self, batch_size: int) -> dict[str, np.ndarray]:
         shape = (batch_size, self.seq_len)
         return {"labels": np.zeros(shape, np.int32), "weights": np.ones(shape, np.float32),
-                "num_entities": np.zeros(batch_size, np.int32)}
+                "num_entities": np.zeros(batch_size, np.int32),
+                "entity_cut": np.zeros(batch_size, np.int32)}
 
     def metrics(self, model: TokenClassifier, params: Any, batch: Batch,
                 rng: jax.Array | None, train: bool) -> Metrics:
@@ -155,7 +162,8 @@ class Tagging(LabelledObjective):
         if not train:  # entity matching costs a sort per row: evaluation only
             prefix, kind = tag_tables(self.labels)
             correct, predicted, _ = entity_counts(batch["labels"], jnp.argmax(logits_BLC, -1),
-                                                  batch["weights"], prefix, kind)
+                                                  batch["weights"], prefix, kind,
+                                                  batch["entity_cut"])
             one = jnp.ones((), jnp.float32)
             out.update(entity_correct=(correct, one), entity_predicted=(predicted, one),
                        entity_gold=(batch["num_entities"].sum(dtype=jnp.float32), one))
