@@ -16,6 +16,7 @@ fraction of the measured GEMM ceiling, peak memory), then one line per ratio.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -66,7 +67,7 @@ def our_config(kind: str, dtype: str, preset: str = "", attention_impl: str = "e
                                attention_dropout_rate=0.0, dtype=dtype,
                                attention_impl=attention_impl, remat=remat, scan_layers=scan)
     else:
-        c.objective = "bert"
+        c = _bert_config()  # BERT data options (the corpus is never read here)
         c.model = model_config("bert_mini", num_layers=s["layers"], d_model=s["width"],
                                num_heads=s["heads"], mlp_dim=4 * s["width"], max_len=512,
                                vocab_size=VOCAB[kind], dropout_rate=0.0,
@@ -76,6 +77,14 @@ def our_config(kind: str, dtype: str, preset: str = "", attention_impl: str = "e
     c.train.batch_size = s["batch"]
     c.optim.update(lr=1e-4, warmup_steps=0, weight_decay=0.01, grad_clip=0.0)
     return c
+
+
+def _bert_config() -> ConfigDict:
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "bert.py")
+    spec = importlib.util.spec_from_file_location("bert_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("mini")
 
 
 def our_step(kind: str, dtype: str, **model_opts):
@@ -96,9 +105,14 @@ def our_step(kind: str, dtype: str, **model_opts):
     for key in ("inputs", "targets", "input_ids"):
         if key in batch:
             batch[key] = rng.integers(5, VOCAB[kind], batch[key].shape).astype(np.int32)
-    if "masked_positions" in batch:
-        batch["masked_positions"] = np.sort(rng.choice(
-            np.arange(1, SHAPE["seq"]), (SHAPE["batch"], PREDICTIONS)), axis=1).astype(np.int32)
+    if "masked_positions" in batch:  # 20 real predictions per row, random NSP labels
+        batch["masked_positions"] = np.sort(np.stack([
+            rng.choice(np.arange(1, SHAPE["seq"]), PREDICTIONS, replace=False)
+            for _ in range(SHAPE["batch"])]), axis=1).astype(np.int32)
+        batch["masked_ids"] = rng.integers(5, VOCAB[kind], batch["masked_ids"].shape,
+                                           dtype=np.int32)
+        batch["masked_weights"] = np.ones_like(batch["masked_weights"])
+        batch["nsp_label"] = rng.integers(0, 2, batch["nsp_label"].shape, dtype=np.int32)
     batch = sharding.shard_batch(batch, mesh)
     holder = {"state": init_state()}
 
