@@ -20,6 +20,11 @@ steps of 32): 600 steps `random`, 200 steps `minilm` (hence 1e-4 rather than the
 for the pretrained encoders). Warmup 10 %, linear decay to 0; evaluation (3,250 sentences)
 twice.
 
+Measured on this CPU (2 shared cores, November 2026), validation (testa) at the last step:
+  minilm  entity F1 0.7484 (P 0.7217, R 0.7770), token acc 0.957; 200 steps, 14.2 min
+  random  entity F1 0.6301 (P 0.6151, R 0.6459), token acc 0.927; 600 steps, 12.0 min
+(The on-device F1 equals lm.metrics' reference recomputed from predictions on the host.)
+
 python -m lm.main --config=configs/finetune_conll03.py:minilm --workdir=/tmp/conll_minilm
 python -m lm.predict --workdir=/tmp/conll_minilm --text "EU rejects German call to boycott"
 """

@@ -18,6 +18,15 @@ Add `runlocal` for a smoke run (a few steps of small batches).
 Steps are sized for this 2-core CPU (about 15 min a run, shared): 1,500 steps of 32 are 0.74
 epoch for `random`, 450 steps 0.22 epoch for `minilm`. Warmup 10 %, linear decay to 0.
 
+Measured on this CPU (2 shared cores, November 2026), validation accuracy at the last step:
+  random (lr 3e-4)  0.8855  1,500 steps, 20.5 min   (lr 1e-3: 0.5575 at step 750)
+  minilm            0.8630    450 steps, 16.9 min
+  ours              0.8215  1,000 steps,  9.0 min   (a 450-step bert_mini run, MLM acc 0.12)
+The validation phrases are drawn from train.tsv, which holds every phrase of each training
+sentence: 1,781 of the 2,000 occur verbatim inside a training phrase. These numbers are
+therefore optimistic against GLUE's dev set (other, whole sentences), most for models that
+memorise.
+
 python -m lm.main --config=configs/finetune_sst2.py:minilm --workdir=/tmp/sst2_minilm
 python -m lm.predict --workdir=/tmp/sst2_minilm --text "a gorgeous, witty film"
 """
