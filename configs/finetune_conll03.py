@@ -75,7 +75,7 @@ def get_config(arg: str | None = None):
     steps, batch = v["steps"], 32
     if args["runlocal"]:
         steps, batch = 20, 8
-        c.data.eval_max_batches = 4
+        c.evals.max_batches = 4
     c.optim.update(lr=v["lr"], end_lr=0.0, schedule="linear", warmup_steps=max(steps // 10, 1),
                    b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, grad_clip=1.0)
     c.train.update(steps=steps, batch_size=batch, log_every=max(steps // 40, 1),

@@ -69,10 +69,8 @@ class LabelledObjective(Objective, abc.ABC):
             train, batch_size=cfg.train.batch_size, seed=cfg.seed,
             process_index=process_index, process_count=process_count,
             worker_count=cfg.data.get("worker_count", 0))
-        max_batches = cfg.data.get("eval_max_batches", 0) or None
-
-        def eval_batches() -> labelled.EvalBatches:
-            return labelled.EvalBatches(val, cfg.train.batch_size, max_batches, process_index,
+        def eval_batches() -> labelled.EvalBatches:  # the loop applies evals.max_batches
+            return labelled.EvalBatches(val, cfg.train.batch_size, None, process_index,
                                         process_count)
 
         return Data(self.tokenizer, train_iter, eval_batches)
