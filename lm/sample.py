@@ -26,9 +26,9 @@ FLAGS = flags.FLAGS
 
 def load_run(workdir: str, step: int | None = None):
     """(model config, params, tokenizer) of a causal-LM run directory."""
-    from lm import train
     from lm.config_base import to_model_config
     from lm.data.tokenizers import load_tokenizer
+    from lm.init_from import read_run_params
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -37,7 +37,8 @@ def load_run(workdir: str, step: int | None = None):
         config = ConfigDict(json.load(f))
     tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
     model_cfg = to_model_config(config.model, vocab_size=tokenizer.vocab_size)
-    _, _, params = train.restore_params(config, workdir, model_cfg, step)
+    # Read-only: never opens a checkpoint manager on a run that may still be training.
+    params, _ = read_run_params(workdir, step)
     return model_cfg, params, tokenizer
 
 

@@ -91,25 +91,6 @@ def make_state_init(config: ConfigDict, objective: Objective, model: nn.Module, 
     return state_sharding, functools.partial(init_state, key)
 
 
-def restore_params(config: ConfigDict, workdir: str, model_cfg, step: int | None = None):
-    """(objective, model, params) of a run's checkpoint, without building its data."""
-    objective = objectives.get(config)
-    model = objective.build_model(model_cfg)
-    mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
-    tx, _ = optim.build(config.optim, config.train.steps)
-    state_sharding, init_state = make_state_init(config, objective, model, tx, mesh,
-                                                 sharding.get_rules("dp"))
-    abstract = jax.eval_shape(init_state)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_sharding)
-    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=1, save_every=1)
-    try:
-        state, _ = ckpt.restore(step, abstract)
-    finally:
-        ckpt.close()
-    return objective, model, state.params
-
-
 def make_train_step(setup: Setup, accum: int) -> Callable:
     """(state, batch) -> (state, metrics); gradient accumulation over `accum` micro-batches
     (rows i, i + accum, ... form micro-batch i, so each device keeps its own rows)."""

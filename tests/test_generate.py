@@ -52,3 +52,24 @@ def test_top_k_and_top_p_filters():
     draws = [int(sample_token(jax.random.key(i), logits, temperature=1.0, top_k=0,
                               top_p=0.6)[0]) for i in range(200)]
     assert set(draws) == {0, 1}  # 0.5 + 0.2 reaches 0.6
+
+
+def test_sample_cli_on_a_trained_run(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_train import ROOT, corpus, run_main
+
+    run_main(tmp_path / "run", f"--config.data.path={corpus(tmp_path)}", "--config.train.steps=2")
+    cmd = [sys.executable, "-m", "lm.sample", f"--workdir={tmp_path / 'run'}", "--prompt=the k",
+           "--max_new_tokens=20", "--temperature=0"]
+    outs = [subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for proc in outs:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    text = outs[0].stdout.rstrip("\n")
+    assert text.startswith("the k") and len(text) == len("the k") + 20  # one char per token
+    assert outs[0].stdout == outs[1].stdout  # greedy is deterministic
+    bad = subprocess.run([sys.executable, "-m", "lm.sample", f"--workdir={tmp_path / 'nope'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error:")
