@@ -42,6 +42,7 @@ from lm.data.bert import (
     read_documents,
     tokenize_documents,
 )
+from lm.data.sources import check_file, sha256_file
 
 CACHE_VERSION = 1
 READERS = ("auto", "wikitext", "blank_line")
@@ -124,21 +125,6 @@ def held_out_split(docs: Sequence[Any], fraction: float, seed: int) -> tuple[lis
     held = set(np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)[:n_val].tolist())
     return ([d for i, d in enumerate(docs) if i not in held],
             [d for i, d in enumerate(docs) if i in held])
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_file(path: str, field: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.{field}: file not found: {path}")
-    if not os.path.getsize(path):
-        raise ValueError(f"data.{field}: file is empty: {path}")
 
 
 class _Documents:
@@ -238,8 +224,8 @@ def load_pairs(path: str) -> list[Pair]:
 def _pairs_key(opts: BertDataOptions, seed: int, tokenizer_dir: str) -> str:
     key = {
         "version": CACHE_VERSION,
-        "train": _sha256_file(opts.path),
-        "val": _sha256_file(opts.val_path) if opts.val_path else None,
+        "train": sha256_file(opts.path),
+        "val": sha256_file(opts.val_path) if opts.val_path else None,
         "val_fraction": None if opts.val_path else opts.val_fraction,
         "reader": opts.reader,
         "tokenizer": tok_lib.tokenizer_fingerprint(tokenizer_dir),
@@ -423,9 +409,9 @@ def build_bert_data(opts: BertDataOptions, *, workdir: str, batch_size: int, see
                     process_index: int = 0, process_count: int = 1) -> BertData:
     """Files -> tokenizer (workdir/tokenizer/) -> pairs (cached in workdir/data/bert/) ->
     train iterator (masks from `seed`) and evaluation batches (static masks)."""
-    _check_file(opts.path, "path")
+    check_file(opts.path, "data.path")
     if opts.val_path:
-        _check_file(opts.val_path, "val_path")
+        check_file(opts.val_path, "data.val_path")
     if seed < 0:
         raise ValueError(f"seed: must be non-negative, got {seed}")
     docs = _Documents(opts, seed)

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -407,34 +407,6 @@ def tagging_source(tokenizer: tok_lib.Tokenizer, sentences: Sequence[TaggedSente
                              ).astype(np.int32)
     arrays["token_types"] = np.zeros((n, seq_len), np.int32)
     return ArraySource(arrays), cut
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalBatches:
-    """A deterministic pass over a source in order, the same on every call.
-
-    Global batch b holds examples [b*B, (b+1)*B); process p gets rows [p*R, (p+1)*R) of it
-    (R = B // process_count). The last batch is padded with `source.padding()` rows, so
-    every example counts once and every process yields the same number of batches."""
-
-    source: ArraySource
-    batch_size: int
-    max_batches: int | None
-    process_index: int
-    process_count: int
-
-    def __len__(self) -> int:
-        n = -(-len(self.source) // self.batch_size)
-        return n if self.max_batches is None else min(n, self.max_batches)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        rows = self.batch_size // self.process_count
-        pad = self.source.padding()
-        for b in range(len(self)):
-            start = b * self.batch_size + self.process_index * rows
-            examples = [self.source[i] if i < len(self.source) else pad
-                        for i in range(start, start + rows)]
-            yield {k: np.stack([ex[k] for ex in examples]) for k in pad}
 
 
 def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

@@ -186,6 +186,10 @@ class LMWindows:
         docs = self.doc_ids[lo:hi] if self.pack == "documents" else None
         return pack_window(self.tokens[lo:hi], docs)
 
+    def padding(self) -> dict[str, np.ndarray]:
+        """An all-zero row (weights 0) that fills the last eval batch."""
+        return padding_example(self.seq_len)
+
     def __repr__(self) -> str:
         return f"LMWindows(windows={len(self)}, seq_len={self.seq_len}, pack={self.pack!r})"
 
@@ -259,14 +263,15 @@ def make_train_iterator(
 
 @dataclasses.dataclass(frozen=True)
 class EvalBatches:
-    """A deterministic full pass over eval windows, re-iterable, the same on every call.
+    """A deterministic full pass over a source in order, re-iterable, the same on every call.
 
-    Global batch b holds windows [b*B, (b+1)*B); process p gets rows [p*R, (p+1)*R) of it
-    (R = B // process_count). The last partial batch is padded with all-zero rows (weights 0),
-    so every window counts exactly once and every process yields the same number of batches.
+    Global batch b holds examples [b*B, (b+1)*B); process p gets rows [p*R, (p+1)*R) of it
+    (R = B // process_count). The last partial batch is padded with `source.padding()` rows
+    (which count for nothing), so every example counts exactly once and every process yields
+    the same number of batches. Any random-access source with `padding()` works.
     """
 
-    source: LMWindows
+    source: Any
     batch_size: int
     max_batches: int | None
     process_index: int
@@ -278,13 +283,13 @@ class EvalBatches:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         rows = self.batch_size // self.process_count
-        pad = padding_example(self.source.seq_len)
+        pad = self.source.padding()
         for b in range(len(self)):
             start = b * self.batch_size + self.process_index * rows
             examples = [
                 self.source[i] if i < len(self.source) else pad for i in range(start, start + rows)
             ]
-            yield {k: np.stack([ex[k] for ex in examples]) for k in FIELDS}
+            yield {k: np.stack([ex[k] for ex in examples]) for k in pad}
 
 
 def make_eval_batches(

@@ -64,14 +64,15 @@ class LocalTextConfig(tfds.core.BuilderConfig):
     doc_separator: str = ""
 
 
-def _check_file(path: str, what: str) -> None:
+def check_file(path: str, what: str) -> None:
+    """One-line errors for a missing or empty input file (`what` names the config field)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: file not found: {path}")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{what}: file is empty: {path}")
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -87,14 +88,14 @@ def local_text_config(
     The name carries a hash of the file contents (sha256), `val_fraction`, the separator and the
     layout version, so changed data never reuses a stale prepared copy.
     """
-    _check_file(path, "data.path")
+    check_file(path, "data.path")
     if val_path:
-        _check_file(val_path, "data.val_path")
+        check_file(val_path, "data.val_path")
     elif not 0.0 < val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
     key = {
-        "train_sha256": _sha256_file(path),
-        "val_sha256": _sha256_file(val_path) if val_path else "",
+        "train_sha256": sha256_file(path),
+        "val_sha256": sha256_file(val_path) if val_path else "",
         "val_fraction": None if val_path else float(val_fraction),
         "doc_separator": doc_separator,
         "chunk_chars": CHUNK_CHARS,

@@ -29,7 +29,7 @@ from absl import logging
 
 from lm.data import labelled
 from lm.data import tokenizers as tok_lib
-from lm.data.pipeline import make_train_iterator
+from lm.data.pipeline import EvalBatches, make_train_iterator
 from lm.models.config import ModelConfig
 from lm.models.heads import SequenceClassifier
 from lm.objectives.base import Batch, Data, Metrics, Objective
@@ -69,8 +69,8 @@ class LabelledObjective(Objective, abc.ABC):
             train, batch_size=cfg.train.batch_size, seed=cfg.seed,
             process_index=process_index, process_count=process_count,
             worker_count=cfg.data.get("worker_count", 0))
-        def eval_batches() -> labelled.EvalBatches:  # the loop applies evals.max_batches
-            return labelled.EvalBatches(val, cfg.train.batch_size, None, process_index,
+        def eval_batches() -> EvalBatches:  # the loop applies evals.max_batches
+            return EvalBatches(val, cfg.train.batch_size, None, process_index,
                                         process_count)
 
         return Data(self.tokenizer, train_iter, eval_batches)
