@@ -124,7 +124,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     assert sorted(acc) == [1, 2, 3]  # the logged step is the optimizer step
     for step in full:
         assert abs(full[step] - acc[step]) < 1e-5, (step, full[step], acc[step])
-    assert "eval/loss" in last
+    assert last["eval/ppl"] == pytest.approx(np.exp(last["eval/loss"]), rel=1e-6)
 
 
 # ----------------------------------------------------------------- 1 vs 8 devices

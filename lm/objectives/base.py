@@ -76,13 +76,16 @@ class Objective(abc.ABC):
         """Model fields decided by the data (e.g. vocab size from the tokenizer)."""
         return {}
 
-    @staticmethod
-    def summarize(sums: dict[str, tuple[Any, Any]], prefix: str) -> dict[str, float]:
-        """{name: (sum, count)} -> {prefix/name: sum / count} (+ perplexity for a loss)."""
-        out = {}
-        for name, (total, count) in sums.items():
-            value = float(total) / max(float(count), 1e-9)
-            out[f"{prefix}/{name}"] = value
-            if name == "loss" and prefix == "eval":
-                out[f"{prefix}/ppl"] = float(np.exp(min(value, 50.0)))
+    # {token-level cross-entropy metric: the name its perplexity is reported under}.
+    perplexities: dict[str, str] = {}
+
+    def summarize(self, sums: dict[str, tuple[Any, Any]], prefix: str) -> dict[str, float]:
+        """{name: (sum, count)} -> {prefix/name: sum / count}, plus eval perplexities of the
+        metrics listed in `perplexities`."""
+        out = {f"{prefix}/{name}": float(total) / max(float(count), 1e-9)
+               for name, (total, count) in sums.items()}
+        if prefix == "eval":
+            for name, ppl in self.perplexities.items():
+                if f"eval/{name}" in out:
+                    out[f"eval/{ppl}"] = float(np.exp(min(out[f"eval/{name}"], 50.0)))
         return out

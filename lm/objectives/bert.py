@@ -67,6 +67,8 @@ class BertPretraining(Objective):
     """Batches as `lm.data.bert_pipeline` documents them (input_ids, token_types,
     segment_ids, positions [B, L]; masked_positions/ids/weights [B, P]; nsp_label [B])."""
 
+    perplexities = {"mlm_loss": "mlm_ppl"}  # the combined MLM + NSP loss has none
+
     def __init__(self, config):
         super().__init__(config)
         self.opts = BertDataOptions.from_config(config.data)
@@ -120,15 +122,6 @@ class BertPretraining(Objective):
             deterministic=not train,
             rngs={"dropout": rng} if train and rng is not None else None)
         return pretraining_metrics(mlm_logits, nsp_logits, batch, self.nsp_weight)
-
-    @staticmethod
-    def summarize(sums: dict[str, tuple[Any, Any]], prefix: str) -> dict[str, float]:
-        """As the base, but perplexity is that of the MLM loss (the combined loss has none)."""
-        out = {f"{prefix}/{name}": float(total) / max(float(count), 1e-9)
-               for name, (total, count) in sums.items()}
-        if f"{prefix}/mlm_loss" in out:
-            out[f"{prefix}/mlm_ppl"] = float(np.exp(min(out[f"{prefix}/mlm_loss"], 50.0)))
-        return out
 
     def tokens_per_example(self) -> int:
         return self.seq_len

@@ -33,6 +33,8 @@ def token_cross_entropy(logits_BLV: jnp.ndarray, targets_BL: jnp.ndarray,
 class CausalLM(Objective):
     """Batches: inputs / targets / weights / segment_ids / positions, all [B, L]."""
 
+    perplexities = {"loss": "ppl"}
+
     @property
     def seq_len(self) -> int:
         return int(self.config.data.seq_len)

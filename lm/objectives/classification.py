@@ -112,11 +112,6 @@ class LabelledObjective(Objective, abc.ABC):
     def flops_per_token(self, model_cfg: ModelConfig) -> float:
         return model_cfg.flops_per_token(self.seq_len, kind="encoder", vocab_fraction=0.0)
 
-    def summarize(self, sums: dict[str, tuple[Any, Any]], prefix: str) -> dict[str, float]:
-        """sum / count per metric (no perplexity: these losses are not LM losses)."""
-        return {f"{prefix}/{name}": float(total) / max(float(count), 1e-9)
-                for name, (total, count) in sums.items()}
-
     # ------------------------------------------------------------------ prediction
     def logits_fn(self, model: nn.Module):
         """A jitted (params, batch) -> logits for prediction."""
