@@ -55,7 +55,8 @@ def gemm_ceiling(dtype: str, n: int = 2048, repeats: int = 5) -> float:
 
 # ------------------------------------------------------------------------ ours
 def our_config(kind: str, dtype: str, preset: str = "", attention_impl: str = "einsum",
-               remat: str = "none", scan: bool = False) -> ConfigDict:
+               remat: str = "none", scan: bool = False, loss_chunk: int | None = None
+               ) -> ConfigDict:
     c = base_config()
     s = SHAPE
     if kind == "gpt":
@@ -75,6 +76,8 @@ def our_config(kind: str, dtype: str, preset: str = "", attention_impl: str = "e
         c.data.max_predictions = PREDICTIONS
     c.data.seq_len = s["seq"]
     c.train.batch_size = s["batch"]
+    if loss_chunk is not None:
+        c.train.loss_chunk = loss_chunk
     c.optim.update(lr=1e-4, warmup_steps=0, weight_decay=0.01, grad_clip=0.0)
     return c
 
@@ -189,6 +192,9 @@ def main() -> None:
     p.add_argument("--attention_impl", default="einsum", help="einsum | xla | cudnn")
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true")
+    p.add_argument("--loss_chunk", type=int, default=None,
+                   help="tokens per fused projection + loss chunk (default: the config's); "
+                        "-1 = materialised logits")
     args = p.parse_args()
     SHAPE.update(seq=args.seq, batch=args.batch)
     if not args.no_hf:
@@ -203,7 +209,7 @@ def main() -> None:
     peak = reporting.device_peak_flops(jax.devices()[0], args.dtype)
     ours, flops_per_token = our_step(args.model, args.dtype, preset=args.preset,
                                      attention_impl=args.attention_impl, remat=args.remat,
-                                     scan=args.scan)
+                                     scan=args.scan, loss_chunk=args.loss_chunk)
     hf = None if args.no_hf else hf_step(args.model)
     times: dict[str, list[float]] = {"lm": [], "hf": []}
     for r in range(args.rounds):
@@ -217,7 +223,8 @@ def main() -> None:
             print(json.dumps({
                 "what": f"train_step_{args.model}", "impl": impl, "round": r, "dtype": dtype,
                 "config": SHAPE | {"vocab": VOCAB[args.model], "preset": args.preset,
-                               "attention": args.attention_impl, "remat": args.remat},
+                               "attention": args.attention_impl, "remat": args.remat,
+                               "loss_chunk": args.loss_chunk},
                 "step_time_s": round(t, 4), "tokens_per_sec": round(tokens / t, 1),
                 "model_gflops_per_s": round(gflops, 1),
                 "mfu_vs_gemm_ceiling": round(gflops / ceiling[dtype], 3),

@@ -32,7 +32,8 @@ def get_config(arg: str | None = None):
     c.model = model_config(
         "gpt2_small", vocab_size=0, num_layers=v["layers"], num_heads=v["heads"],
         d_model=v["width"], mlp_dim=4 * v["width"], max_len=v["seq"], dropout_rate=v["dropout"],
-        attention_dropout_rate=v["dropout"], activation="gelu", use_bias=False)
+        attention_dropout_rate=v["dropout"], activation="gelu", use_bias=False,
+        norm_bias=False)
     # Offline: --config.data.path=FILE (e.g. ../shared/data/tinyshakespeare/input.txt).
     c.data.url = ("https://raw.githubusercontent.com/karpathy/char-rnn/"
                   "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt")
@@ -41,8 +42,8 @@ def get_config(arg: str | None = None):
     c.data.seq_len = v["seq"]
     c.data.val_fraction = 0.1
     c.data.train_stride = 1  # windows at every offset, as nanoGPT samples them
-    # As nanoGPT: no biases in linear layers, weight decay on every 2-D weight including
-    # the embeddings.
+    # As nanoGPT (bias=False): no biases in linear layers or LayerNorms; weight decay on
+    # every 2-D weight including the embeddings.
     c.optim.update(lr=v["lr"], end_lr=v["lr"] / 10, warmup_steps=v["warmup"], b2=0.99,
                    weight_decay=0.1, grad_clip=1.0, decay_embeddings=True)
     c.train.update(steps=v["steps"], batch_size=v["batch"], log_every=max(v["steps"] // 40, 1),

@@ -65,10 +65,12 @@ def base_config() -> ConfigDict:
     # One axis may be -1 (the remaining devices). rules: dp | fsdp | fsdp_tp.
     # num_devices: use the first N devices only (0 = all).
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="dp", num_devices=0))
+    # loss_chunk: tokens per chunk of the fused output projection + cross-entropy
+    # (0 = one chunk; -1 = materialise the logits and let autodiff differentiate them).
     c.train = ConfigDict(dict(
         steps=1000, batch_size=32, log_every=50, eval_every=500, checkpoint_every=500,
         keep_checkpoints=3, async_checkpoint=True, distributed=False,
-        preemption_sync_every=10))
+        preemption_sync_every=10, loss_chunk=512))
     c.evals = ConfigDict(dict(max_batches=0))  # 0 = the whole validation split
     c.init_from = ""
     return c

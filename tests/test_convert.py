@@ -132,11 +132,11 @@ def test_scan_layout_exports_like_loop_layout(tmp_path):
 
 
 def test_missing_biases_and_token_types_export_as_zeros(tmp_path):
-    cfg = tiny_bert(use_bias=False, type_vocab_size=0)
+    cfg = tiny_bert(use_bias=False, norm_bias=False, type_vocab_size=0)
     params = random_params(Encoder(cfg))
     convert.to_hf(cfg, params, str(tmp_path))
     got_cfg, back, _ = convert.from_hf(str(tmp_path))
-    assert got_cfg.use_bias and got_cfg.type_vocab_size == 1
+    assert got_cfg.use_bias and got_cfg.norm_bias and got_cfg.type_vocab_size == 1
     flat, flat_back = convert.flatten(params), convert.flatten(back)
     for k, v in flat_back.items():
         if k in flat:

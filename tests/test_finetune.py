@@ -145,6 +145,29 @@ def test_tsv_jsonl_readers_and_fixed_validation_split(tmp_path):
         labelled.validation_split(10, 10, seed=0)
 
 
+# Three parse trees: every phrase of each sentence is an example, as in SST's train.tsv.
+PHRASES = ["a great film .", "a great film", "great film", "a", "great", "film", ".",
+           "a dull plot .", "a dull plot", "dull plot", "dull", "plot",
+           "the film ends .", "the film ends", "the film", "the", "ends"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sentence_split_keeps_validation_sentences_out_of_training(seed):
+    train, val = labelled.sentence_split(PHRASES, 1, seed)
+    sentence = PHRASES[val[0]]
+    assert sentence in ("a great film .", "a dull plot .", "the film ends .")
+    train_texts = {PHRASES[i] for i in train}
+    # nothing of the validation tree is trained on unless another sentence has it too
+    others = [s for s in ("a great film .", "a dull plot .", "the film ends .")
+              if s != sentence]
+    for phrase in PHRASES:
+        in_other = any(f" {phrase} " in f" {s} " for s in others)
+        assert (phrase in train_texts) == in_other, (sentence, phrase)
+    assert labelled.sentence_split(PHRASES, 1, seed)[1].tolist() == val.tolist()
+    with pytest.raises(ValueError, match="data.val_size=3 must be in \\(0, 3\\)"):
+        labelled.sentence_split(PHRASES, 3, seed)
+
+
 def test_labels_are_saved_and_reused(tmp_path):
     assert labelled.resolve_labels(str(tmp_path), [], {"b", "a"}) == ["a", "b"]
     assert json.loads((tmp_path / "labels.json").read_text()) == ["a", "b"]

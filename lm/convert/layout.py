@@ -109,7 +109,8 @@ def norm_from_hf(w: Weights, name: str) -> dict[str, np.ndarray]:
 
 
 def norm_to_hf(p: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
-    return {f"{name}.weight": p["scale"], f"{name}.bias": p["bias"]}
+    bias = p["bias"] if "bias" in p else np.zeros_like(p["scale"])  # norm_bias=False
+    return {f"{name}.weight": p["scale"], f"{name}.bias": bias}
 
 
 # ---- attention: [in, H*K] columns (head-major) <-> our [D, H, K] / [H, K, D] ----

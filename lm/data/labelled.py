@@ -169,6 +169,39 @@ def validation_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
+def sentence_split(texts: Sequence[str], val_size: int, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices for phrase-level corpora (SST's train.tsv holds every
+    phrase of each parse tree), split as GLUE splits SST: validation draws `val_size` whole
+    sentences (texts no other text contains); training keeps the other sentences and the
+    phrases inside them. A phrase found only inside validation sentences is dropped, so
+    no validation sentence is seen, whole or in part, except through phrases that also
+    belong to a training sentence (as "the film" does in GLUE's train and dev).
+
+    Texts are compared as whitespace-separated words. Seeded like `validation_split`."""
+    words = [tuple(t.split()) for t in texts]
+    known = set(words)
+
+    def phrases(w: tuple[str, ...], proper: bool) -> Iterable[tuple[str, ...]]:
+        for i in range(len(w)):
+            for j in range(i + 1, len(w) + 1 - (proper and i == 0)):
+                if w[i:j] in known:
+                    yield w[i:j]
+
+    inside = {p for w in known for p in phrases(w, proper=True)}
+    roots = np.array([i for i, w in enumerate(words) if w and w not in inside], np.int64)
+    if not 0 < val_size < len(roots):
+        raise ValueError(f"data.val_size={val_size} must be in (0, {len(roots)}): the "
+                         f"number of whole sentences among {len(texts)} texts")
+    perm = np.random.default_rng([seed, 0x56414C]).permutation(len(roots))
+    val = np.sort(roots[perm[:val_size]])
+    val_texts = {words[i] for i in val}
+    kept = {p for i in roots[perm[val_size:]] for p in phrases(words[i], proper=False)}
+    train = np.array([i for i, w in enumerate(words) if w in kept and w not in val_texts],
+                     np.int64)
+    return train, val
+
+
 # ----------------------------------------------------------------------------- labels
 
 

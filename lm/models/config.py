@@ -44,7 +44,8 @@ class ModelConfig:
     activation: Activation = "gelu"
     pre_norm: bool = True  # pre-LN (GPT-2, T5, LLaMA) or post-LN (BERT, original Transformer)
     embed_norm: bool = False  # LayerNorm right after the embeddings (BERT)
-    use_bias: bool = True
+    use_bias: bool = True  # biases of the attention / MLP projections
+    norm_bias: bool = True  # LayerNorm shift (nanoGPT's bias=False drops it and use_bias)
     tie_embeddings: bool = True  # output projection shares the token embedding
     scale_tied_logits: bool = False  # T5: multiply hidden by d_model**-0.5 before tied output
     dropout_rate: float = 0.0

@@ -41,7 +41,7 @@ def tied_logits(x_BLD: jnp.ndarray, table_VD: jnp.ndarray, dtype) -> jnp.ndarray
 
 
 class Norm(nn.Module):
-    """LayerNorm (scale + bias) or RMSNorm (scale only), computed in fp32."""
+    """LayerNorm (scale + bias unless `norm_bias=False`) or RMSNorm (scale only), in fp32."""
 
     cfg: ModelConfig
 
@@ -57,6 +57,8 @@ class Norm(nn.Module):
         mean = jnp.mean(x32, -1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        if not cfg.norm_bias:
+            return (y * scale).astype(cfg.compute_dtype)
         bias = self.param("bias", param_init(cfg, ("embed",), nn.initializers.zeros_init()),
                           (x.shape[-1],), cfg.params_dtype)
         return (y * scale + bias).astype(cfg.compute_dtype)

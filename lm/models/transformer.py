@@ -195,6 +195,17 @@ class Decoder(nn.Module):
         return Dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head")(
             x_BLD).astype(jnp.float32)
 
+    @staticmethod
+    def output_table(cfg: ModelConfig, params) -> tuple[jnp.ndarray, float]:
+        """(table [V, D] in the compute dtype, scale): logits = (scale * hidden) @ tableᵀ,
+        for losses that fuse the output projection (`return_hidden=True` hidden states)."""
+        if cfg.tie_embeddings:
+            table = params["embedder"]["token"]["embedding"]
+            scale = cfg.d_model**-0.5 if cfg.scale_tied_logits else 1.0
+        else:
+            table, scale = params["lm_head"]["kernel"].T, 1.0
+        return jnp.asarray(table, cfg.compute_dtype), scale
+
     def _cached_mask(self, segment_ids, positions) -> Mask:
         """Writes this call's segment ids / positions into the cache and returns the mask of
         the new queries over every cache slot (unwritten slots have segment 0)."""

@@ -5,29 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lm.models.config import ModelConfig
 from lm.models.transformer import Decoder
 from lm.objectives.base import Batch, Data, Metrics, Objective
-
-
-def token_cross_entropy(logits_BLV: jnp.ndarray, targets_BL: jnp.ndarray,
-                        weights_BL: jnp.ndarray, accuracy: bool = True) -> Metrics:
-    """Weighted next-token loss (and accuracy) as (sum, count); logits are fp32.
-
-    Accuracy costs one more pass over the [B, L, V] logits (hundreds of MB for a GPT-2
-    vocabulary), so training steps leave it to evaluation."""
-    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32),
-                                                            targets_BL)
-    count = weights_BL.sum()
-    out = {"loss": ((ce_BL * weights_BL).sum(), count)}
-    if accuracy:
-        correct_BL = (jnp.argmax(logits_BLV, -1) == targets_BL).astype(jnp.float32)
-        out["accuracy"] = ((correct_BL * weights_BL).sum(), count)
-    return out
+from lm.objectives.losses import fused_cross_entropy, token_cross_entropy
 
 
 class CausalLM(Objective):
@@ -70,11 +53,17 @@ class CausalLM(Objective):
         # Chunked streams have one unpadded sequence per row: no segment ids lets the
         # fused kernels use a plain causal mask.
         packed = self.config.data.pack != "chunk"
-        logits = model.apply(
+        chunk = int(self.config.train.get("loss_chunk", -1))
+        out = model.apply(
             {"params": params}, batch["inputs"], batch["segment_ids"] if packed else None,
-            batch["positions"], deterministic=not train,
+            batch["positions"], deterministic=not train, return_hidden=chunk >= 0,
             rngs={"dropout": rng} if train and rng is not None else None)
-        return token_cross_entropy(logits, batch["targets"], batch["weights"],
+        if chunk < 0:  # materialised logits: the reference path
+            return token_cross_entropy(out, batch["targets"], batch["weights"],
+                                       accuracy=not train)
+        table, scale = Decoder.output_table(model.cfg, params)
+        return fused_cross_entropy(out * scale if scale != 1.0 else out, table,
+                                   batch["targets"], batch["weights"], chunk,
                                    accuracy=not train)
 
     def tokens_per_example(self) -> int:

@@ -3,7 +3,9 @@
 Data (`config.data`): `path` (TSV with a header, or JSONL; `format` picks, else the file
 extension), `text_key` / `text_pair_key` / `label_key` (column names or JSON keys; an empty
 `text_pair_key` means single sentences), `val_path`, or else a fixed seeded validation split
-of `val_size` training examples (`val_fraction` when 0; `split_seed`), `labels` (the label
+of `val_size` training examples (`val_fraction` when 0; `split_seed`; `val_split`
+'random', or 'sentences' for phrase-level data such as SST: whole sentences, with the
+phrases inside them kept out of training, see `labelled.sentence_split`), `labels` (the label
 list, comma-separated; empty: the sorted labels of the data), `label_map` ('0=negative,...':
 renames raw labels when reading), `seq_len`, and the tokenizer fields (see
 `lm.data.labelled.build_tokenizer`). The label list is saved to workdir/labels.json.
@@ -80,6 +82,19 @@ class LabelledObjective(Objective, abc.ABC):
         val_size = data.get("val_size", 0) or int(round(n * data.get("val_fraction", 0.1)))
         return labelled.validation_split(n, val_size, data.get("split_seed", 0))
 
+    def _split(self, examples: Sequence[labelled.TextExample]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        data = self.config.data
+        how = data.get("val_split", "random")
+        if how == "random":
+            return self._val_indices(len(examples))
+        if how == "sentences":
+            if not data.get("val_size", 0):
+                raise ValueError("data.val_size: val_split='sentences' needs a sentence count")
+            return labelled.sentence_split([ex.text for ex in examples], data.val_size,
+                                           data.get("split_seed", 0))
+        raise ValueError(f"data.val_split: {how!r} is not one of random, sentences")
+
     def load_inference(self, workdir: str) -> None:
         """Tokenizer and label list of a trained run (for prediction)."""
         self.tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
@@ -142,7 +157,7 @@ class Classification(LabelledObjective):
         if data.get("val_path", ""):
             train, val = examples, labelled.read_examples(data, data.val_path, "data.val_path")
         else:
-            train_idx, val_idx = self._val_indices(len(examples))
+            train_idx, val_idx = self._split(examples)
             train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
         rename = labelled.parse_label_map(data.get("label_map", ""))
         if rename:
