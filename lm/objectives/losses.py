@@ -40,86 +40,87 @@ def fused_cross_entropy(x_BLD: jnp.ndarray, table_VD: jnp.ndarray, targets_BL: j
     """`token_cross_entropy(x @ tableᵀ, ...)` without materialising the logits.
 
     `x` and `table` are in the compute dtype (products accumulate in fp32; logits, loss
-    and softmax are fp32); `chunk` tokens are projected at a time (0 = all at once; a
-    last partial chunk is padded with zero-weight tokens). Differentiable in `x` and
+    and softmax are fp32). About `chunk` tokens are projected at a time: all rows times
+    `chunk // B` positions, so each chunk keeps the batch sharding (0 = all at once; a
+    partial last chunk is padded with zero-weight positions). Differentiable in `x` and
     `table`."""
-    d = x_BLD.shape[-1]
-    x_ND = x_BLD.reshape(-1, d)
-    targets_N = targets_BL.reshape(-1)
-    weights_N = weights_BL.astype(jnp.float32).reshape(-1)
-    n = x_ND.shape[0]
-    chunk = min(chunk, n) if chunk > 0 else n
-    pad = -n % chunk  # padded tokens carry weight 0
-    if pad:
-        x_ND = jnp.pad(x_ND, ((0, pad), (0, 0)))
-        targets_N = jnp.pad(targets_N, (0, pad))
-        weights_N = jnp.pad(weights_N, (0, pad))
-    x_CKD = x_ND.reshape(-1, chunk, d)
-    targets_CK = targets_N.reshape(-1, chunk)
-    weights_CK = weights_N.reshape(-1, chunk)
-    loss_sum, correct = _fused_loss(x_CKD, table_VD, targets_CK, weights_CK)
-    count = weights_BL.astype(jnp.float32).sum()
+    b, length, d = x_BLD.shape
+    k = length if chunk <= 0 else min(max(chunk // b, 1), length)  # positions per chunk
+    pad = -length % k
+    weights_BL = weights_BL.astype(jnp.float32)
+    if pad:  # padded positions carry weight 0
+        x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
+        targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
+        weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
+    c = (length + pad) // k
+    x_CBKD = x_BLD.reshape(b, c, k, d).swapaxes(0, 1)
+    targets_CBK = targets_BL.reshape(b, c, k).swapaxes(0, 1)
+    weights_CBK = weights_BL.reshape(b, c, k).swapaxes(0, 1)
+    loss_sum, correct = _fused_loss(x_CBKD, table_VD, targets_CBK, weights_CBK)
+    count = weights_BL.sum()
     out = {"loss": (loss_sum, count)}
     if accuracy:
         out["accuracy"] = (jax.lax.stop_gradient(correct), count)
     return out
 
 
-def _chunk_logits(x_KD, table_VD):
-    return jnp.einsum("kd,vd->kv", x_KD, table_VD, preferred_element_type=jnp.float32)
+def _chunk_logits(x_BKD, table_VD):
+    return jnp.einsum("bkd,vd->bkv", x_BKD, table_VD, preferred_element_type=jnp.float32)
 
 
-def _chunk_stats(logits_KV, targets_K, weights_K):
+def _chunk_stats(logits_BKV, targets_BK, weights_BK):
     """(weighted loss sum, weighted correct count, exp(logits - max), sum of those)."""
-    max_K1 = logits_KV.max(-1, keepdims=True)
-    exp_KV = jnp.exp(logits_KV - max_K1)
-    sum_K1 = exp_KV.sum(-1, keepdims=True)
-    target_K = jnp.take_along_axis(logits_KV, targets_K[:, None], -1)[:, 0]
-    loss_K = (max_K1[:, 0] + jnp.log(sum_K1[:, 0]) - target_K) * weights_K
+    max_BK1 = logits_BKV.max(-1, keepdims=True)
+    exp_BKV = jnp.exp(logits_BKV - max_BK1)
+    sum_BK1 = exp_BKV.sum(-1, keepdims=True)
+    target_BK = jnp.take_along_axis(logits_BKV, targets_BK[..., None], -1)[..., 0]
+    loss_BK = (max_BK1[..., 0] + jnp.log(sum_BK1[..., 0]) - target_BK) * weights_BK
     # ties count as correct, unlike argmax's first-index rule: equal only on exact ties
-    correct_K = (target_K >= max_K1[:, 0]).astype(jnp.float32) * weights_K
-    return loss_K.sum(), correct_K.sum(), exp_KV, sum_K1
+    correct_BK = (target_BK >= max_BK1[..., 0]).astype(jnp.float32) * weights_BK
+    return loss_BK.sum(), correct_BK.sum(), exp_BKV, sum_BK1
 
 
 @jax.custom_vjp
-def _fused_loss(x_CKD, table_VD, targets_CK, weights_CK):
+def _fused_loss(x_CBKD, table_VD, targets_CBK, weights_CBK):
     def body(totals, xs):
-        x_KD, targets_K, weights_K = xs
-        loss, correct, _, _ = _chunk_stats(_chunk_logits(x_KD, table_VD), targets_K, weights_K)
+        x_BKD, targets_BK, weights_BK = xs
+        loss, correct, _, _ = _chunk_stats(_chunk_logits(x_BKD, table_VD), targets_BK,
+                                           weights_BK)
         return (totals[0] + loss, totals[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
-    totals, _ = jax.lax.scan(body, (zero, zero), (x_CKD, targets_CK, weights_CK))
+    totals, _ = jax.lax.scan(body, (zero, zero), (x_CBKD, targets_CBK, weights_CBK))
     return totals
 
 
-def _fused_loss_fwd(x_CKD, table_VD, targets_CK, weights_CK):
+def _fused_loss_fwd(x_CBKD, table_VD, targets_CBK, weights_CBK):
     vocab = table_VD.shape[0]
 
     def body(carry, xs):
         loss_sum, correct_sum, dtable_VD = carry
-        x_KD, targets_K, weights_K = xs
-        logits_KV = _chunk_logits(x_KD, table_VD)
-        loss, correct, exp_KV, sum_K1 = _chunk_stats(logits_KV, targets_K, weights_K)
-        onehot_KV = jnp.arange(vocab, dtype=targets_K.dtype)[None, :] == targets_K[:, None]
-        dlogits_KV = ((exp_KV / sum_K1 - onehot_KV) * weights_K[:, None]).astype(x_KD.dtype)
-        dx_KD = jnp.einsum("kv,vd->kd", dlogits_KV, table_VD,
-                           preferred_element_type=jnp.float32).astype(x_KD.dtype)
-        dtable_VD = dtable_VD + jnp.einsum("kv,kd->vd", dlogits_KV, x_KD,
+        x_BKD, targets_BK, weights_BK = xs
+        logits_BKV = _chunk_logits(x_BKD, table_VD)
+        loss, correct, exp_BKV, sum_BK1 = _chunk_stats(logits_BKV, targets_BK, weights_BK)
+        onehot_BKV = jnp.arange(vocab, dtype=targets_BK.dtype) == targets_BK[..., None]
+        dlogits_BKV = ((exp_BKV / sum_BK1 - onehot_BKV) * weights_BK[..., None]
+                       ).astype(x_BKD.dtype)
+        dx_BKD = jnp.einsum("bkv,vd->bkd", dlogits_BKV, table_VD,
+                            preferred_element_type=jnp.float32).astype(x_BKD.dtype)
+        dtable_VD = dtable_VD + jnp.einsum("bkv,bkd->vd", dlogits_BKV, x_BKD,
                                            preferred_element_type=jnp.float32)
-        return (loss_sum + loss, correct_sum + correct, dtable_VD), dx_KD
+        return (loss_sum + loss, correct_sum + correct, dtable_VD), dx_BKD
 
     zero = jnp.zeros((), jnp.float32)
     init = (zero, zero, jnp.zeros(table_VD.shape, jnp.float32))
-    (loss_sum, correct_sum, dtable_VD), dx_CKD = jax.lax.scan(
-        body, init, (x_CKD, targets_CK, weights_CK))
-    return (loss_sum, correct_sum), (dx_CKD, dtable_VD.astype(table_VD.dtype))
+    (loss_sum, correct_sum, dtable_VD), dx_CBKD = jax.lax.scan(
+        body, init, (x_CBKD, targets_CBK, weights_CBK))
+    return (loss_sum, correct_sum), (dx_CBKD, dtable_VD.astype(table_VD.dtype))
 
 
 def _fused_loss_bwd(residuals, cotangents):
-    dx_CKD, dtable_VD = residuals
+    dx_CBKD, dtable_VD = residuals
     g = cotangents[0]  # the correct count is not differentiable
-    return ((g * dx_CKD).astype(dx_CKD.dtype), (g * dtable_VD).astype(dtable_VD.dtype),
+    return ((g * dx_CBKD).astype(dx_CBKD.dtype), (g * dtable_VD).astype(dtable_VD.dtype),
             None, None)
 
 
