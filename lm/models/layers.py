@@ -40,6 +40,29 @@ def tied_logits(x_BLD: jnp.ndarray, table_VD: jnp.ndarray, dtype) -> jnp.ndarray
                       preferred_element_type=jnp.float32)
 
 
+@jax.custom_vjp
+def materialize_grad(x: jnp.ndarray) -> jnp.ndarray:
+    """Identity whose backward pass writes the cotangent to memory (CPU workaround).
+
+    XLA's CPU fusion recomputes the residual stream's gradient (the LayerNorm-backward
+    chain of every later sublayer) inside each transpose that feeds a weight-gradient
+    GEMM: O(layers^2) work, ~40 % of a small model's step. A product with a [D, D]
+    identity is exact and cannot be fused through, so the gradient is computed once per
+    sublayer (2 * tokens * D^2 extra FLOPs)."""
+    return x
+
+
+def _materialize_fwd(x):
+    return x, None
+
+
+def _materialize_bwd(_, g):
+    return (jnp.dot(g, jnp.eye(g.shape[-1], dtype=g.dtype), preferred_element_type=g.dtype),)
+
+
+materialize_grad.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 class Norm(nn.Module):
     """LayerNorm (scale + bias unless `norm_bias=False`) or RMSNorm (scale only), in fp32."""
 
@@ -141,6 +164,8 @@ class Block(nn.Module):
         det = self.deterministic
 
         def sublayer(x, name, fn):
+            if jax.default_backend() == "cpu":
+                x = materialize_grad(x)
             drop = nn.Dropout(cfg.dropout_rate)
             if cfg.pre_norm:
                 return x + drop(fn(Norm(cfg, name=f"{name}_norm")(x)), deterministic=det)
