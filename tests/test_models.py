@@ -357,3 +357,18 @@ def test_flops_per_token_matches_six_n_rule():
     n_nonembed = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
     want = 6 * (n_nonembed + 768 * 50257) + 12 * 12 * 1024 * 768
     assert cfg.flops_per_token(1024) == want
+
+
+def test_materialize_grad_is_an_exact_identity_in_both_directions():
+    from lm.models.layers import materialize_grad
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(8, 8)), jnp.float32)
+
+    def f(x, wrap):
+        h = materialize_grad(x) if wrap else x
+        return jnp.sum(jnp.tanh(h @ w) * x)
+
+    np.testing.assert_array_equal(materialize_grad(x), x)
+    np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: f(x, True)))(x),
+                                  jax.jit(jax.grad(lambda x: f(x, False)))(x))
