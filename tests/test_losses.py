@@ -3,6 +3,7 @@ accuracy and gradients, for any chunking, with zero weights, in bf16, tied or un
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,9 +84,7 @@ def test_decoder_output_table_reproduces_its_logits(tie, scale):
                       max_len=8, tie_embeddings=tie, scale_tied_logits=scale)
     model = Decoder(cfg)
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 29, (2, 8)), jnp.int32)
-    params = model.init(jax.random.key(0), ids)["params"]
-    params = jax.tree.map(lambda p: getattr(p, "value", p), params,
-                          is_leaf=lambda p: hasattr(p, "value"))
+    params = nn.unbox(model.init(jax.random.key(0), ids)["params"])
     logits = model.apply({"params": params}, ids)
     hidden = model.apply({"params": params}, ids, return_hidden=True)
     table, factor = Decoder.output_table(cfg, params)

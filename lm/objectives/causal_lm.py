@@ -62,9 +62,8 @@ class CausalLM(Objective):
             return token_cross_entropy(out, batch["targets"], batch["weights"],
                                        accuracy=not train)
         table, scale = Decoder.output_table(model.cfg, params)
-        return fused_cross_entropy(out * scale if scale != 1.0 else out, table,
-                                   batch["targets"], batch["weights"], chunk,
-                                   accuracy=not train)
+        return fused_cross_entropy(out * scale, table, batch["targets"], batch["weights"],
+                                   chunk, accuracy=not train)
 
     def tokens_per_example(self) -> int:
         return self.seq_len

@@ -88,9 +88,7 @@ class LabelledObjective(Objective, abc.ABC):
         how = data.get("val_split", "random")
         if how == "random":
             return self._val_indices(len(examples))
-        if how == "sentences":
-            if not data.get("val_size", 0):
-                raise ValueError("data.val_size: val_split='sentences' needs a sentence count")
+        if how == "sentences":  # sentence_split rejects a missing val_size, naming it
             return labelled.sentence_split([ex.text for ex in examples], data.val_size,
                                            data.get("split_seed", 0))
         raise ValueError(f"data.val_split: {how!r} is not one of random, sentences")

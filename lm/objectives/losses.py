@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-Metrics = dict[str, tuple[jnp.ndarray, jnp.ndarray]]
+from lm.objectives.base import Metrics
 
 
 def token_cross_entropy(logits_BLV: jnp.ndarray, targets_BL: jnp.ndarray,
