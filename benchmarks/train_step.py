@@ -5,12 +5,16 @@ on the same shape, alternating A B A B in one process, plus this machine's GEMM 
         batch 16, vocab 50257, AdamW)
   bert  our MLM + NSP step vs BertForPreTraining (same shape, vocab 30522, 20 predictions
         per sequence)
+  char  the `char_lm:baby` step (4 layers, width 128, 4 heads, block 64, batch 12, vocab 65,
+        no biases, AdamW + clipping) vs the same model in PyTorch eager
+        (benchmarks/char_lm_peer.py)
 
 One JSON line per measurement (what, impl, config, tokens/s, step time, model GFLOP/s,
 fraction of the measured GEMM ceiling, peak memory), then one line per ratio.
 
     python benchmarks/train_step.py --model gpt --dtype float32 --rounds 3
     python benchmarks/train_step.py --model gpt --dtype bfloat16
+    python benchmarks/train_step.py --model char --steps 50
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from lm.config_base import base_config, model_config, to_model_config
 from lm.objectives import get as get_objective
 
 SHAPE = dict(layers=4, width=256, heads=4, seq=128, batch=16)
-VOCAB = {"gpt": 50257, "bert": 30522}
+CHAR_SHAPE = dict(layers=4, width=128, heads=4, seq=64, batch=12)
+VOCAB = {"gpt": 50257, "bert": 30522, "char": 65}
 PREDICTIONS = 20
 
 
@@ -59,6 +64,14 @@ def our_config(kind: str, dtype: str, preset: str = "", attention_impl: str = "e
                ) -> ConfigDict:
     c = base_config()
     s = SHAPE
+    if kind == "char":
+        c = _config_file("char_lm", "baby")
+        c.model.update(vocab_size=VOCAB[kind], dtype=dtype, attention_impl=attention_impl,
+                       remat=remat, scan_layers=scan, max_len=s["seq"])
+        c.data.seq_len, c.train.batch_size = s["seq"], s["batch"]
+        if loss_chunk is not None:
+            c.train.loss_chunk = loss_chunk
+        return c
     if kind == "gpt":
         c.objective = "causal_lm"
         shape = {} if preset else dict(num_layers=s["layers"], d_model=s["width"],
@@ -68,7 +81,7 @@ def our_config(kind: str, dtype: str, preset: str = "", attention_impl: str = "e
                                attention_dropout_rate=0.0, dtype=dtype,
                                attention_impl=attention_impl, remat=remat, scan_layers=scan)
     else:
-        c = _bert_config()  # BERT data options (the corpus is never read here)
+        c = _config_file("bert", "mini")  # BERT data options (the corpus is never read)
         c.model = model_config("bert_mini", num_layers=s["layers"], d_model=s["width"],
                                num_heads=s["heads"], mlp_dim=4 * s["width"], max_len=512,
                                vocab_size=VOCAB[kind], dropout_rate=0.0,
@@ -82,12 +95,16 @@ def our_config(kind: str, dtype: str, preset: str = "", attention_impl: str = "e
     return c
 
 
-def _bert_config() -> ConfigDict:
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "bert.py")
-    spec = importlib.util.spec_from_file_location("bert_config", path)
+def _load(path: str):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config("mini")
+    return module
+
+
+def _config_file(name: str, variant: str) -> ConfigDict:
+    return _load(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
+                 ).get_config(variant)
 
 
 def our_step(kind: str, dtype: str, **model_opts):
@@ -134,6 +151,8 @@ def hf_step(kind: str):
 
     torch.manual_seed(0)
     s = SHAPE
+    if kind == "char":
+        return _char_peer_step()
     if kind == "gpt":
         cfg = tr.GPT2Config(n_layer=s["layers"], n_embd=s["width"], n_head=s["heads"],
                             n_positions=s["seq"], vocab_size=VOCAB[kind], resid_pdrop=0.0,
@@ -172,6 +191,31 @@ def hf_step(kind: str):
     return run
 
 
+def _char_peer_step():
+    """One step of benchmarks/char_lm_peer.py's training loop (AdamW on 2-D weights, clip)."""
+    import torch
+    from torch.nn import functional as F
+
+    peer = _load(os.path.join(os.path.dirname(__file__), "char_lm_peer.py"))
+    model = peer.build_model(VOCAB["char"])
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+    x = torch.randint(0, VOCAB["char"], (SHAPE["batch"], SHAPE["seq"]))
+    y = torch.randint(0, VOCAB["char"], (SHAPE["batch"], SHAPE["seq"]))
+
+    def run():
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    run()
+    return run
+
+
 def timed(fn, steps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -181,14 +225,14 @@ def timed(fn, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["gpt", "bert"], default="gpt")
+    p.add_argument("--model", choices=["gpt", "bert", "char"], default="gpt")
     p.add_argument("--dtype", default="float32", help="our compute dtype (HF stays fp32)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no_hf", action="store_true")
     p.add_argument("--preset", default="", help="a model preset instead of the 4x256 shape")
-    p.add_argument("--seq", type=int, default=SHAPE["seq"])
-    p.add_argument("--batch", type=int, default=SHAPE["batch"])
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
     p.add_argument("--attention_impl", default="einsum", help="einsum | xla | cudnn")
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true")
@@ -196,7 +240,9 @@ def main() -> None:
                    help="tokens per fused projection + loss chunk (default: the config's); "
                         "-1 = materialised logits")
     args = p.parse_args()
-    SHAPE.update(seq=args.seq, batch=args.batch)
+    if args.model == "char":
+        SHAPE.update(CHAR_SHAPE)
+    SHAPE.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch)) if v})
     if not args.no_hf:
         import torch
 

@@ -1,1 +1,5 @@
 """lm: JAX/Flax research codebase for Transformer language models."""
+
+from lm import runtime as _runtime
+
+_runtime.configure_xla()

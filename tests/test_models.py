@@ -372,3 +372,24 @@ def test_materialize_grad_is_an_exact_identity_in_both_directions():
     np.testing.assert_array_equal(materialize_grad(x), x)
     np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: f(x, True)))(x),
                                   jax.jit(jax.grad(lambda x: f(x, False)))(x))
+
+
+def test_gelu_matches_exact_gelu_and_its_gradient():
+    from lm.models.layers import gelu
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4096,)) * 4, jnp.float32)
+    ref = lambda v: jax.nn.gelu(v, approximate=False)  # noqa: E731
+    np.testing.assert_allclose(gelu(x), ref(x), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(jax.jit(gelu)(x), jax.jit(ref)(x), rtol=0, atol=2e-6)
+
+    def loss(f, v):
+        return jnp.sum(f(v) * jnp.cos(v))
+
+    g, g_ref = jax.jit(jax.grad(lambda v: loss(gelu, v)))(x), jax.grad(lambda v: loss(ref, v))(x)
+    np.testing.assert_allclose(g, g_ref, rtol=0, atol=2e-6)
+    # The slope at known points: gelu'(0) = 1/2, gelu'(x) -> 1 for large x, -> 0 for small.
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(jnp.array([0.0, 10.0, -10.0])),
+                               [0.5, 1.0, 0.0], atol=1e-6)
+    xb = x.astype(jnp.bfloat16)
+    assert gelu(xb).dtype == jnp.bfloat16
+    assert jax.grad(lambda v: gelu(v).astype(jnp.float32).sum())(xb).dtype == jnp.bfloat16
