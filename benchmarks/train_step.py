@@ -230,6 +230,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no_hf", action="store_true")
+    p.add_argument("--only", choices=["lm", "hf"], default=None, help="time one side only")
+    p.add_argument("--isolate", action="store_true",
+                   help="each round runs each side in a fresh process (A B A B), so neither "
+                        "side's thread pools disturb the other's timing")
     p.add_argument("--preset", default="", help="a model preset instead of the 4x256 shape")
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
@@ -240,10 +244,13 @@ def main() -> None:
                    help="tokens per fused projection + loss chunk (default: the config's); "
                         "-1 = materialised logits")
     args = p.parse_args()
+    if args.isolate:
+        return isolated(args)
     if args.model == "char":
         SHAPE.update(CHAR_SHAPE)
     SHAPE.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch)) if v})
-    if not args.no_hf:
+    sides = [args.only] if args.only else ["lm"] + ([] if args.no_hf else ["hf"])
+    if "hf" in sides:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
@@ -253,15 +260,18 @@ def main() -> None:
     print(json.dumps({"what": "gemm_ceiling", "device": jax.devices()[0].device_kind,
                       "gflops_per_s": {k: round(v, 1) for k, v in ceiling.items()}}), flush=True)
     peak = reporting.device_peak_flops(jax.devices()[0], args.dtype)
-    ours, flops_per_token = our_step(args.model, args.dtype, preset=args.preset,
-                                     attention_impl=args.attention_impl, remat=args.remat,
-                                     scan=args.scan, loss_chunk=args.loss_chunk)
-    hf = None if args.no_hf else hf_step(args.model)
+    config = our_config(args.model, args.dtype, args.preset)
+    flops_per_token = get_objective(config).flops_per_token(to_model_config(config.model))
+    fns = {}
+    if "lm" in sides:
+        fns["lm"], _ = our_step(args.model, args.dtype, preset=args.preset,
+                                attention_impl=args.attention_impl, remat=args.remat,
+                                scan=args.scan, loss_chunk=args.loss_chunk)
+    if "hf" in sides:
+        fns["hf"] = hf_step(args.model)
     times: dict[str, list[float]] = {"lm": [], "hf": []}
     for r in range(args.rounds):
-        for impl, fn in (("lm", ours), ("hf", hf)):
-            if fn is None:
-                continue
+        for impl, fn in fns.items():
             t = timed(fn, args.steps)
             times[impl].append(t)
             gflops = flops_per_token * tokens / t / 1e9
@@ -277,10 +287,35 @@ def main() -> None:
                 **({"mfu_vs_device_peak": round(gflops * 1e9 / peak, 3)}
                    if peak and impl == "lm" else {}),
                 "peak_rss_mb": round(peak_rss_mb(), 1)}), flush=True)
-    if times["hf"]:
+    print_ratio(args, times)
+
+
+def print_ratio(args, times: dict[str, list[float]]) -> None:
+    if times["hf"] and times["lm"]:
         ratio = float(np.median(times["hf"]) / np.median(times["lm"]))
         print(json.dumps({"what": f"ratio_{args.model}", "dtype": args.dtype,
+                          "isolated": args.isolate,
                           "lm_over_hf_tokens_per_sec": round(ratio, 2)}), flush=True)
+
+
+def isolated(args) -> None:
+    """Rounds of (ours in a fresh process, then the peer in a fresh process)."""
+    import subprocess
+    import sys
+
+    argv = [a for a in sys.argv[1:] if a != "--isolate"]
+    argv += ["--rounds", "1"]  # the last --rounds wins
+    times: dict[str, list[float]] = {"lm": [], "hf": []}
+    for r in range(args.rounds):
+        for impl in ["lm"] + ([] if args.no_hf else ["hf"]):
+            out = subprocess.run([sys.executable, __file__, *argv, "--only", impl],
+                                 capture_output=True, text=True, check=True).stdout
+            for line in out.splitlines():
+                if line.startswith("{") and '"what": "train_step_' in line:
+                    record = json.loads(line) | {"round": r, "process": "fresh"}
+                    times[impl].append(record["step_time_s"])
+                    print(json.dumps(record), flush=True)
+    print_ratio(args, times)
 
 
 if __name__ == "__main__":
