@@ -40,12 +40,13 @@ def fused_cross_entropy(x_BLD: jnp.ndarray, table_VD: jnp.ndarray, targets_BL: j
     """`token_cross_entropy(x @ tableᵀ, ...)` without materialising the logits.
 
     `x` and `table` are in the compute dtype (products accumulate in fp32; logits, loss
-    and softmax are fp32). About `chunk` tokens are projected at a time: all rows times
-    `chunk // B` positions, so each chunk keeps the batch sharding (0 = all at once; a
-    partial last chunk is padded with zero-weight positions). Differentiable in `x` and
-    `table`."""
+    and softmax are fp32). At most about `chunk` tokens are projected at a time: all rows
+    times up to `chunk // B` positions, so each chunk keeps the batch sharding (0 = all
+    at once). The chunks are as even as their number allows; the last one is padded with
+    zero-weight positions. Differentiable in `x` and `table`."""
     b, length, d = x_BLD.shape
     k = length if chunk <= 0 else min(max(chunk // b, 1), length)  # positions per chunk
+    k = -(-length // -(-length // k))  # same number of chunks, least padding
     pad = -length % k
     weights_BL = weights_BL.astype(jnp.float32)
     if pad:  # padded positions carry weight 0
