@@ -1,5 +1,6 @@
 """Training-step throughput: our jitted step vs Hugging Face transformers (PyTorch eager)
-on the same shape, alternating A B A B in one process, plus this machine's GEMM ceiling.
+on the same shape, alternating A B A B (each round runs each side in a fresh process),
+plus this machine's GEMM ceiling.
 
   gpt   our causal-LM step vs GPT2LMHeadModel (4 layers, width 256, 4 heads, seq 128,
         batch 16, vocab 50257, AdamW)
@@ -231,9 +232,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no_hf", action="store_true")
     p.add_argument("--only", choices=["lm", "hf"], default=None, help="time one side only")
-    p.add_argument("--isolate", action="store_true",
-                   help="each round runs each side in a fresh process (A B A B), so neither "
-                        "side's thread pools disturb the other's timing")
+    p.add_argument("--in_process", dest="isolate", action="store_false",
+                   help="time both sides in this process; by default each round runs each "
+                        "side in a fresh process (A B A B), because the two runtimes' thread "
+                        "pools in one process disturb each other's timing")
     p.add_argument("--preset", default="", help="a model preset instead of the 4x256 shape")
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
@@ -244,7 +246,7 @@ def main() -> None:
                    help="tokens per fused projection + loss chunk (default: the config's); "
                         "-1 = materialised logits")
     args = p.parse_args()
-    if args.isolate:
+    if args.isolate and not args.only and not args.no_hf:
         return isolated(args)
     if args.model == "char":
         SHAPE.update(CHAR_SHAPE)
@@ -303,18 +305,19 @@ def isolated(args) -> None:
     import subprocess
     import sys
 
-    argv = [a for a in sys.argv[1:] if a != "--isolate"]
-    argv += ["--rounds", "1"]  # the last --rounds wins
+    argv = [*sys.argv[1:], "--rounds", "1"]  # the last --rounds wins
     times: dict[str, list[float]] = {"lm": [], "hf": []}
     for r in range(args.rounds):
         for impl in ["lm"] + ([] if args.no_hf else ["hf"]):
             out = subprocess.run([sys.executable, __file__, *argv, "--only", impl],
                                  capture_output=True, text=True, check=True).stdout
             for line in out.splitlines():
-                if line.startswith("{") and '"what": "train_step_' in line:
-                    record = json.loads(line) | {"round": r, "process": "fresh"}
+                if not line.startswith("{"):
+                    continue
+                record = json.loads(line) | {"round": r, "process": impl}
+                if record["what"].startswith("train_step_"):
                     times[impl].append(record["step_time_s"])
-                    print(json.dumps(record), flush=True)
+                print(json.dumps(record), flush=True)  # incl. each process's GEMM ceiling
     print_ratio(args, times)
 
 
