@@ -68,6 +68,28 @@ def build_model(vocab: int):
     return GPT()
 
 
+def build_optimizer(model):
+    """AdamW (betas 0.9, 0.99) with weight decay 0.1 on the 2-D weights only, lr 1e-3."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+
+
+def train_step(model, opt, x, y) -> None:
+    """Cross-entropy, backward, global-norm clip at 1.0, optimizer step."""
+    import torch
+    from torch.nn import functional as F
+
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/tinyshakespeare/input.txt")
@@ -89,11 +111,7 @@ def main() -> None:
     n = int(0.9 * len(ids))
     train, val = ids[:n], ids[n:]
     model = build_model(len(chars))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.99))
+    opt = build_optimizer(model)
 
     def lr_at(step: int) -> float:  # step counts from 1, as ours logs it
         if step <= 100:
@@ -124,11 +142,7 @@ def main() -> None:
         y = torch.stack([train[i + 1:i + BLOCK + 1] for i in ix])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        train_step(model, opt, x, y)
         train_time += time.perf_counter() - t0
         if step % args.eval_every == 0 or step == args.steps:
             val_loss = evaluate()

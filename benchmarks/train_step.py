@@ -109,7 +109,7 @@ def _config_file(name: str, variant: str) -> ConfigDict:
 
 
 def our_step(kind: str, dtype: str, **model_opts):
-    """(step_fn(), flops_per_token) running our real jitted train step on one device."""
+    """A no-argument function running our real jitted train step once, on one device."""
     config = our_config(kind, dtype, **model_opts)
     objective = get_objective(config)
     model_cfg = to_model_config(config.model)
@@ -142,7 +142,7 @@ def our_step(kind: str, dtype: str, **model_opts):
         return metrics
 
     jax.block_until_ready(run())
-    return (lambda: jax.block_until_ready(run())), objective.flops_per_token(model_cfg)
+    return lambda: jax.block_until_ready(run())
 
 
 # ------------------------------------------------------------------------- HF
@@ -193,25 +193,17 @@ def hf_step(kind: str):
 
 
 def _char_peer_step():
-    """One step of benchmarks/char_lm_peer.py's training loop (AdamW on 2-D weights, clip)."""
+    """One step of benchmarks/char_lm_peer.py's training loop, on a fixed random batch."""
     import torch
-    from torch.nn import functional as F
 
     peer = _load(os.path.join(os.path.dirname(__file__), "char_lm_peer.py"))
     model = peer.build_model(VOCAB["char"])
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+    opt = peer.build_optimizer(model)
     x = torch.randint(0, VOCAB["char"], (SHAPE["batch"], SHAPE["seq"]))
     y = torch.randint(0, VOCAB["char"], (SHAPE["batch"], SHAPE["seq"]))
 
     def run():
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        peer.train_step(model, opt, x, y)
 
     run()
     return run
@@ -266,9 +258,9 @@ def main() -> None:
     flops_per_token = get_objective(config).flops_per_token(to_model_config(config.model))
     fns = {}
     if "lm" in sides:
-        fns["lm"], _ = our_step(args.model, args.dtype, preset=args.preset,
-                                attention_impl=args.attention_impl, remat=args.remat,
-                                scan=args.scan, loss_chunk=args.loss_chunk)
+        fns["lm"] = our_step(args.model, args.dtype, preset=args.preset,
+                             attention_impl=args.attention_impl, remat=args.remat,
+                             scan=args.scan, loss_chunk=args.loss_chunk)
     if "hf" in sides:
         fns["hf"] = hf_step(args.model)
     times: dict[str, list[float]] = {"lm": [], "hf": []}

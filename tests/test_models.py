@@ -372,6 +372,9 @@ def test_materialize_grad_is_an_exact_identity_in_both_directions():
     np.testing.assert_array_equal(materialize_grad(x), x)
     np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: f(x, True)))(x),
                                   jax.jit(jax.grad(lambda x: f(x, False)))(x))
+    # The barrier itself: the backward pass multiplies the cotangent by an identity.
+    bwd = str(jax.make_jaxpr(jax.grad(lambda x: materialize_grad(x).sum()))(x))
+    assert "dot_general" in bwd
 
 
 def test_gelu_matches_exact_gelu_and_its_gradient():
@@ -390,6 +393,9 @@ def test_gelu_matches_exact_gelu_and_its_gradient():
     # The slope at known points: gelu'(0) = 1/2, gelu'(x) -> 1 for large x, -> 0 for small.
     np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(jnp.array([0.0, 10.0, -10.0])),
                                [0.5, 1.0, 0.0], atol=1e-6)
+    # What it is for: the backward pass keeps one array, the slope (autodiff keeps three).
+    _, vjp = jax.vjp(gelu, x)
+    assert [r.shape for r in jax.tree.leaves(vjp)] == [x.shape]
     xb = x.astype(jnp.bfloat16)
     assert gelu(xb).dtype == jnp.bfloat16
     assert jax.grad(lambda v: gelu(v).astype(jnp.float32).sum())(xb).dtype == jnp.bfloat16
