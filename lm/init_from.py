@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,8 +30,8 @@ from flax import traverse_util
 
 from lm.convert import files
 from lm.models.transformer import unstack_layers
+from lm.rundir import run_steps
 
-_STEP_DIR = re.compile(r"\d+$")
 _ENCODER = "encoder/"
 
 
@@ -42,16 +41,6 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     if sep and step.isdigit():
         return os.path.expanduser(path), int(step)
     return os.path.expanduser(spec), None
-
-
-def run_steps(run_dir: str) -> list[int]:
-    """Committed checkpoint steps of a run directory (read-only: no orbax manager, which
-    would clean up another run's in-flight saves)."""
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(int(n) for n in os.listdir(ckpt_dir)
-                  if _STEP_DIR.match(n) and os.path.isdir(os.path.join(ckpt_dir, n)))
 
 
 def read_run_params(run_dir: str, step: int | None = None) -> tuple[dict[str, Any], int]:

@@ -8,10 +8,12 @@ the run before any compute with one line on stderr naming the field, and exit co
 from __future__ import annotations
 
 import logging as py_logging
-import sys
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lm import errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment file (configs/X.py:variant).",
@@ -30,21 +32,44 @@ class _Quiet(py_logging.Filter):
         return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def fail(message: str, code: int = 1) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+fail = errors.fail
+
+
+def _config_error(e: BaseException) -> str:
+    """ml_collections' multi-line load errors -> the line that says what is wrong."""
+    while e.__cause__ is not None and isinstance(e, OSError):
+        e = e.__cause__
+    lines = [ln.strip() for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
+    errno = [ln for ln in lines if ln.startswith("[Errno")]
+    if errno:
+        return errno[0].split("] ", 1)[-1]
+    text = " ".join(lines).replace("\\", "").replace("'", "")
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}: {e.msg}"
+    return f"{type(e).__name__}: {text}" if isinstance(e, NameError | ImportError) else text
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, but a bad override is one line naming the field, not a traceback."""
+    """absl parsing, but a bad config file or override is one line naming it, and every
+    field is checked (lm.config_check) before anything is built."""
+    from lm import config_check
+
     try:
         rest = FLAGS(argv)
         config = FLAGS.config  # applies the --config.* overrides
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        msg = " ".join(str(e).replace("\\n", " ").replace("\\", "").replace("'", "").split())
-        fail(f"bad flag: {msg}")
+        if config is not None:
+            config.to_dict()  # a file that failed to load raises here
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
+            SyntaxError, ImportError, NameError) as e:
+        fail(f"--config: {_config_error(e)}")
     if config is None or not FLAGS.workdir:
         fail("--config and --workdir are required")
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+        fail(f"--workdir: {FLAGS.workdir} exists and is not a directory")
+    try:
+        config_check.validate(config)
+    except ValueError as e:
+        fail(str(e))
     return rest
 
 
@@ -60,13 +85,13 @@ def main(argv: list[str]) -> None:
         # --coordinator_address, --num_processes and --process_id.
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
-    from lm import train
+    from lm import rundir, train
 
     logging.info("devices: %s", jax.devices())
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, train.NonFiniteLoss) as e:
-        fail(str(e))
+    except (*errors.USER_ERRORS, train.NonFiniteLoss, rundir.WorkdirBusy) as e:
+        fail(errors.one_line(e))
 
 
 if __name__ == "__main__":

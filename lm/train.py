@@ -23,7 +23,7 @@ from flax import struct
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from lm import checkpoint, objectives, optim, reporting, sharding
+from lm import checkpoint, objectives, optim, reporting, rundir, sharding
 from lm.config_base import to_model_config
 from lm.objectives.base import Objective
 
@@ -184,6 +184,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     Returns the last logged metrics (train and eval)."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:  # the other hosts of a multi-host run share the workdir
+        with rundir.WorkdirLock(workdir):
+            return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     tc = config.train
     setup = build(config, workdir)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints,
