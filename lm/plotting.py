@@ -1,0 +1,130 @@
+"""Plots of training runs, shared by `lm.experiment report` and anyone reading metrics.jsonl.
+
+matplotlib with the Agg backend (no display needed). Curves of several seeds are drawn as
+their mean with a band of ± one standard deviation over the steps every seed logged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def pyplot():
+    import matplotlib  # noqa: PLC0415 (plots are optional; matplotlib loads only here)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def ema(values: Sequence[float], weight: float) -> np.ndarray:
+    """TensorBoard-style exponential smoothing (weight 0: unchanged), bias-corrected."""
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        acc = weight * acc + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(acc / norm if norm else v)
+    return np.asarray(out)
+
+
+def mean_band(curves: Sequence[Sequence[tuple[int, float]]]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps every curve has, mean, std (ddof=1; 0 for one curve)) across curves."""
+    if not curves:
+        return np.array([]), np.array([]), np.array([])
+    common = set.intersection(*(set(s for s, _ in c) for c in curves))
+    steps = np.array(sorted(common))
+    table = np.array([[dict(c)[s] for s in steps] for c in curves], dtype=float)
+    std = table.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+    return steps, table.mean(axis=0), std
+
+
+def plot_curves(path: str, series: Mapping[str, Sequence[Sequence[tuple[int, float]]]], *,
+                ylabel: str, xlabel: str = "step", title: str = "", logy: bool = False) -> str:
+    """One line per label (mean over its curves) with a ± std band; written to `path`."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, curves in series.items():
+        steps, mean, std = mean_band(curves)
+        if not len(steps):
+            continue
+        (line,) = ax.plot(steps, mean, label=f"{label} (n={len(curves)})", lw=1.5)
+        if len(curves) > 1:
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _numeric(labels: Sequence[str]) -> list[float] | None:
+    try:
+        return [float(x) for x in labels]
+    except ValueError:
+        return None
+
+
+def plot_vs(path: str, axis: str, lines: Mapping[str, Sequence[tuple[str, float, float]]], *,
+            ylabel: str, title: str = "") -> str:
+    """The metric against one axis: per line, (x label, mean, std) points with error bars.
+    Numeric x values go on a numeric axis (log when they span more than 10x)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    all_x = [x for pts in lines.values() for x, _, _ in pts]
+    numeric = _numeric(all_x)
+    order = sorted(set(all_x), key=lambda x: float(x)) if numeric else list(dict.fromkeys(all_x))
+    for label, pts in lines.items():
+        pts = sorted(pts, key=lambda p: order.index(p[0]))
+        xs = [float(p[0]) if numeric else order.index(p[0]) for p in pts]
+        ax.errorbar(xs, [p[1] for p in pts], yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+                    marker="o", capsize=3, label=label or None)
+    if numeric:
+        values = [float(x) for x in order]
+        if min(values) > 0 and max(values) / min(values) > 10:
+            ax.set_xscale("log")
+    else:
+        ax.set_xticks(range(len(order)), order)
+    ax.set(xlabel=axis, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if any(lines):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def power_law_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Least squares in log-log space: y = a * x^(-alpha) -> (a, alpha)."""
+    lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
+    slope, intercept = np.polyfit(lx, ly, 1)
+    return float(np.exp(intercept)), float(-slope)
+
+
+def plot_power_law(path: str, x: Sequence[float], y: Sequence[float], yerr: Sequence[float], *,
+                   xlabel: str, ylabel: str, title: str = "") -> tuple[float, float]:
+    """Points with error bars and their fitted power law on log-log axes; returns (a, alpha)."""
+    a, alpha = power_law_fit(x, y)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.errorbar(x, y, yerr=yerr, marker="o", ls="", capsize=3, label="runs (mean ± std)")
+    grid = np.geomspace(min(x), max(x), 50)
+    ax.plot(grid, a * grid ** (-alpha), "--", label=f"fit: {a:.3g} · N^(-{alpha:.3f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return a, alpha
