@@ -18,6 +18,7 @@ CORE = [
     "tensorboardX>=2.6",
     "safetensors>=0.4",
     "tokenizers>=0.19",  # WordPiece vocabulary training (BERT pretraining)
+    "matplotlib>=3.8",  # study reports and run plots (Agg backend, no display)
 ]
 
 setup(
@@ -28,7 +29,8 @@ setup(
     packages=find_packages(include=["lm", "lm.*"]),
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "submitit>=1.5"],
+        "slurm": ["submitit>=1.5"],  # lm.experiment --backend=slurm
         # Hugging Face parity checks and benchmarks (PyTorch CPU wheel pinned on purpose:
         # an unpinned torch pulls a multi-GB CUDA build).
         "hf": ["torch==2.13.0", "transformers>=4.40", "tokenizers>=0.19", "regex>=2023.0",
