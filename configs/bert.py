@@ -15,7 +15,11 @@ or biases, as BERT), clip 1.0, dynamic masking (RoBERTa; data.dynamic_masking=Fa
 for BERT's static masks), 15 % masked, at most 20 predictions per 128 tokens, NSP.
 
 Options (comma-separated after the variant): seq512 (512 tokens, 80 predictions),
-runlocal (a few steps of a tiny batch and vocabulary, for smoke runs and tests).
+runlocal (a few steps of a tiny batch and vocabulary, for smoke runs and tests),
+sst2 (task-adaptive pretraining, Gururangan et al. 2020: masked LM without NSP on the
+SST-2 training texts of configs/finetune_sst2.py, split exactly as that run splits them
+(its 872 validation sentences and their phrases never seen), 16 texts to a document, a
+WordPiece vocabulary of 8,000 trained on them).
 
 python -m lm.main --config=configs/bert.py:mini --workdir=/tmp/bert_mini
 python -m lm.main --config=configs/bert.py:tiny,runlocal --workdir=/tmp/bert_smoke
@@ -40,7 +44,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg, {"variant": "mini", "runlocal": False, "seq512": False})
+    args = parse_arg(arg, {"variant": "mini", "runlocal": False, "seq512": False, "sst2": False})
     name = args.get("size", args["variant"])
     if name not in VARIANTS:
         raise ValueError(f"config: unknown BERT variant {name!r}; known: {sorted(VARIANTS)}")
@@ -63,6 +67,11 @@ def get_config(arg: str | None = None):
         mask_prob=0.15, max_predictions=predictions, whole_word=False, dynamic_masking=True,
         nsp_mode="nsp",  # nsp | sop | none
         nsp_weight=1.0, short_seq_prob=0.1, dupe_factor=1)
+    if args["sst2"]:
+        c.data.update(path="../shared/data/sst2/train.tsv", val_path="", reader="labelled",
+                      format="tsv", text_key="sentence", label_key="label",
+                      val_split="sentences", val_size=872, split_seed=0, texts_per_document=16,
+                      nsp_mode="none", nsp_weight=0.0, vocab_size=min(v["vocab"], 8000))
     steps = v["steps"]
     c.optim.update(lr=v["lr"], end_lr=0.0, schedule="linear",
                    warmup_steps=v.get("warmup", max(steps // 10, 1)), b1=0.9, b2=0.999, eps=1e-6,

@@ -175,10 +175,6 @@ def validate(config: Any) -> None:
             problem = check(value)
             if problem:
                 raise ConfigError(f"{path}: {problem}")
-    present, steps = _lookup(values, "train.steps")
-    present_w, warmup = _lookup(values, "optim.warmup_steps")
-    if present and present_w and _number(warmup) and _number(steps) and warmup > steps:
-        raise ConfigError(f"optim.warmup_steps: {warmup} exceeds train.steps={steps}")
     present, impl = _lookup(values, "model.attention_impl")
     if present and impl == "cudnn":
         import jax  # noqa: PLC0415 (only this check needs the backend)

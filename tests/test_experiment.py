@@ -253,3 +253,17 @@ def test_changed_runs_are_refused_then_moved_aside(tmp_path):
     moved = sweep / "main" / f"{run.name}.old-{run.id}"
     assert (moved / "checkpoints" / "6").is_dir()  # nothing lost
     assert not (sweep / "main" / run.name).exists()
+
+
+def test_an_axis_over_whole_config_files(tmp_path):
+    stage = Stage("main", CHAR, overrides={"optim.lr": 2e-3},
+                  axes=[Zip({"config": [CHAR, "configs/char_lm.py:baby"],
+                             "train.batch_size": [4, 6]}, name="recipe",
+                            labels=["test", "baby"])])
+    a, b = expand(Study("s", [stage]), str(ROOT), str(tmp_path))
+    assert (a.name, a.config, b.name, b.config) == (
+        "recipe=test,seed=0", CHAR, "recipe=baby,seed=0", "configs/char_lm.py:baby")
+    assert a.resolved["train"]["steps"] == 6 and b.resolved["train"]["steps"] == 2000
+    assert a.resolved["optim"]["lr"] == b.resolved["optim"]["lr"] == 2e-3  # stage overrides
+    assert b.resolved["train"]["batch_size"] == 6
+    assert dict(b.overrides) == {"optim.lr": 2e-3, "train.batch_size": 6, "seed": 0}

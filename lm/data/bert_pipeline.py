@@ -45,7 +45,7 @@ from lm.data.bert import (
 from lm.data.sources import check_file, sha256_file
 
 CACHE_VERSION = 1
-READERS = ("auto", "wikitext", "blank_line")
+READERS = ("auto", "wikitext", "blank_line", "labelled")
 NSP_MODES = ("nsp", "sop", "none")
 # Dynamic masking: epochs a source spans before masks repeat (only sets its length).
 MAX_EPOCHS = 1 << 20
@@ -75,6 +75,15 @@ class BertDataOptions:
     short_seq_prob: float = 0.1
     dupe_factor: int = 1
     worker_count: int = 0
+    # reader="labelled": the texts of a labelled corpus (TSV/JSONL, labels unused), split as
+    # the fine-tuning objectives split it, `texts_per_document` texts to a document
+    format: str = ""
+    text_key: str = "text"
+    label_key: str = "label"
+    val_split: str = "random"
+    val_size: int = 0
+    split_seed: int = 0
+    texts_per_document: int = 16
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -137,12 +146,31 @@ class _Documents:
     def splits(self) -> tuple[list, list]:
         if self._splits is None:
             opts = self.opts
+            if opts.reader == "labelled":
+                self._splits = labelled_documents(opts)
+                return self._splits
             train = read_documents(opts.path, opts.reader)
             if opts.val_path:
                 self._splits = train, read_documents(opts.val_path, opts.reader)
             else:
                 self._splits = held_out_split(train, opts.val_fraction, self.seed)
         return self._splits
+
+
+def labelled_documents(opts: BertDataOptions) -> tuple[list, list]:
+    """(train, validation) documents from a labelled corpus: task-adaptive pretraining
+    (Gururangan et al. 2020) on exactly the texts its fine-tuning run trains on."""
+    from lm.data import labelled  # noqa: PLC0415 (only this reader needs it)
+
+    data = dataclasses.asdict(opts)
+    examples = labelled.read_examples(data, opts.path, "data.path")
+    train, val = labelled.split_examples(data, examples)
+    k = max(opts.texts_per_document, 1)
+
+    def documents(idx) -> list[list[str]]:
+        return [[examples[i].text for i in idx[j:j + k]] for j in range(0, len(idx), k)]
+
+    return documents(train), documents(val)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -235,6 +263,10 @@ def _pairs_key(opts: BertDataOptions, seed: int, tokenizer_dir: str) -> str:
         "dupe_factor": opts.dupe_factor,
         "seed": seed,
     }
+    if opts.reader == "labelled":
+        key.update({f: getattr(opts, f) for f in ("format", "text_key", "label_key", "val_split",
+                                                   "val_size", "split_seed",
+                                                   "texts_per_document")})
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

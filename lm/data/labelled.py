@@ -202,6 +202,25 @@ def sentence_split(texts: Sequence[str], val_size: int, seed: int
     return train, val
 
 
+def validation_indices(data: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`validation_split` sized by `data.val_size` (else `data.val_fraction` of n)."""
+    val_size = data.get("val_size", 0) or int(round(n * data.get("val_fraction", 0.1)))
+    return validation_split(n, val_size, data.get("split_seed", 0))
+
+
+def split_examples(data: Any, examples: Sequence[TextExample]) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices by `data.val_split` (random | sentences): the one split
+    every user of a labelled corpus shares (fine-tuning, and task-adaptive pretraining on
+    its texts), so none of them ever sees the others' validation examples."""
+    how = data.get("val_split", "random")
+    if how == "random":
+        return validation_indices(data, len(examples))
+    if how == "sentences":  # sentence_split rejects a missing val_size, naming it
+        return sentence_split([ex.text for ex in examples], data.get("val_size", 0),
+                              data.get("split_seed", 0))
+    raise ValueError(f"data.val_split: {how!r} is not one of random, sentences")
+
+
 # ----------------------------------------------------------------------------- labels
 
 

@@ -48,6 +48,7 @@ class Zip:
 
 
 Axis = Grid | Zip
+CONFIG_AXIS = "config"  # an axis over whole config files: {"config": ["configs/a.py:x", ...]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ Analysis = Callable[[Any, str], str]
 class Study:
     name: str
     stages: Sequence[Stage]
-    report: Report = Report()
+    report: Report = Report()  # noqa: RUF009 (frozen, so one shared default is fine)
     question: str = ""
     analyses: Sequence[Analysis] = ()
 
@@ -243,13 +244,18 @@ def expand(study: Study, root: str, sweep_dir: str) -> list[Run]:
             raise ConfigError(f"stage {stage.name}: init_from={stage.init_from!r} is not an "
                               f"earlier stage (have {sorted(by_stage)})")
         parents = by_stage[stage.init_from] if stage.init_from else [None]
-        base = base_config(stage.config, root)
-        for field, value in stage.overrides.items():
-            apply_override(base, field, value, f"stage {stage.name}: override")
         settings = stage_settings(stage)
+        bases: dict[str, ConfigDict] = {}
+        for _, overrides in settings:
+            spec = overrides.get(CONFIG_AXIS, stage.config)
+            if spec not in bases:
+                bases[spec] = base_config(spec, root)
+                for field, value in stage.overrides.items():
+                    apply_override(bases[spec], field, value, f"stage {stage.name}: override")
         stage_runs = []
         for parent in parents:
             for labels, overrides in settings:
+                base = bases[overrides.get(CONFIG_AXIS, stage.config)]
                 for seed in stage.seeds:
                     stage_runs.append(_make_run(study, stage, base, parent, labels, overrides,
                                                 seed, sweep_dir))
@@ -268,6 +274,8 @@ def _make_run(study: Study, stage: Stage, base: ConfigDict, parent: Run | None,
               sweep_dir: str) -> Run:
     config = ConfigDict(base.to_dict(preserve_field_references=True))
     config.lock()
+    spec = overrides.get(CONFIG_AXIS, stage.config)
+    overrides = {k: v for k, v in overrides.items() if k != CONFIG_AXIS}
     for field, value in overrides.items():
         axis = field.rsplit(".", 1)[-1]
         apply_override(config, field, value, f"stage {stage.name}: axis {axis}")
@@ -297,7 +305,7 @@ def _make_run(study: Study, stage: Stage, base: ConfigDict, parent: Run | None,
     resolved = json.loads(json.dumps(config.to_dict(), default=str))
     identity_config = {**resolved, "init_from": parent.id if parent else resolved["init_from"]}
     return Run(stage=stage.name, name=name, setting=tuple(setting), seed=seed,
-               config=stage.config, overrides=tuple(every.items()),
+               config=spec, overrides=tuple(every.items()),
                parent=parent.key if parent else None,
                id=_identity(identity_config, stage.name, parent.id if parent else None),
                resolved=resolved)

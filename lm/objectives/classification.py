@@ -78,20 +78,11 @@ class LabelledObjective(Objective, abc.ABC):
         return Data(self.tokenizer, train_iter, eval_batches)
 
     def _val_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        data = self.config.data
-        val_size = data.get("val_size", 0) or int(round(n * data.get("val_fraction", 0.1)))
-        return labelled.validation_split(n, val_size, data.get("split_seed", 0))
+        return labelled.validation_indices(self.config.data, n)
 
     def _split(self, examples: Sequence[labelled.TextExample]
                ) -> tuple[np.ndarray, np.ndarray]:
-        data = self.config.data
-        how = data.get("val_split", "random")
-        if how == "random":
-            return self._val_indices(len(examples))
-        if how == "sentences":  # sentence_split rejects a missing val_size, naming it
-            return labelled.sentence_split([ex.text for ex in examples], data.val_size,
-                                           data.get("split_seed", 0))
-        raise ValueError(f"data.val_split: {how!r} is not one of random, sentences")
+        return labelled.split_examples(self.config.data, examples)
 
     def load_inference(self, workdir: str) -> None:
         """Tokenizer and label list of a trained run (for prediction)."""
