@@ -221,8 +221,43 @@ class Checkpointer:
         has_data = _DATA in self._items(step)
         if has_data:
             items[_DATA] = DataStateRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            problem = self._mismatch(step, abstract_state)
+            if problem is None:
+                raise
+            raise ValueError(f"{self.directory / str(step)}: the checkpoint does not match this "
+                             f"run's model ({problem}); the config changed since it was "
+                             "saved: restore the old config or use a new --workdir") from e
         return restored[_STATE], (restored[_DATA] if has_data else None)
+
+    def _mismatch(self, step: int, abstract_state: Any) -> str | None:
+        """The first parameter whose presence or shape differs between the checkpoint of
+        `step` and `abstract_state` ('params/layer_2/... is new'), or None."""
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            meta = handler.metadata(self.directory / str(step) / _STATE)
+        except (OSError, ValueError):
+            return None
+        finally:
+            handler.close()
+
+        def shapes(tree: Any) -> dict[str, tuple]:
+            flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+            return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
+                    tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+
+        saved = shapes(getattr(meta, "tree", meta).get("params", {}))
+        wanted = shapes(getattr(abstract_state, "params", {}))
+        for name in sorted(set(saved) | set(wanted)):
+            if name not in saved:
+                return f"params/{name} {list(wanted[name])} is new"
+            if name not in wanted:
+                return f"params/{name} {list(saved[name])} is in the checkpoint only"
+            if saved[name] != wanted[name]:
+                return f"params/{name} is {list(saved[name])} there, {list(wanted[name])} now"
+        return None
 
     def read_metadata(self, step: int | None = None) -> dict[str, Any] | None:
         """The JSON metadata saved with ``step`` (None = latest), or None if there is none."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 from ml_collections import ConfigDict
+
+from lm import errors
 
 flags.DEFINE_string("workdir", None, "Run directory of a causal-LM run.")
 flags.DEFINE_string("prompt", "\n", "Text to continue.")
@@ -42,20 +43,35 @@ def load_run(workdir: str, step: int | None = None):
     return model_cfg, params, tokenizer
 
 
+def check_flags() -> None:
+    """Sampling options out of range are errors naming the flag, before any loading."""
+    checks = [
+        ("--max_new_tokens", FLAGS.max_new_tokens >= 1, "must be >= 1"),
+        ("--temperature", FLAGS.temperature >= 0, "must be >= 0 (0 = greedy)"),
+        ("--top_k", FLAGS.top_k >= 0, "must be >= 0 (0 = all tokens)"),
+        ("--top_p", 0 < FLAGS.top_p <= 1, "must be in (0, 1]"),
+        ("--num_samples", FLAGS.num_samples >= 1, "must be >= 1"),
+    ]
+    for flag, ok, why in checks:
+        if not ok:
+            raise ValueError(f"{flag}={getattr(FLAGS, flag[2:])}: {why}")
+    if not FLAGS.workdir:
+        raise ValueError("--workdir is required")
+    if not os.path.isdir(FLAGS.workdir):
+        raise FileNotFoundError(f"--workdir: no such directory: {FLAGS.workdir}")
+
+
+@errors.boundary()
 def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    check_flags()
     from lm.generate import generate
 
-    try:
-        if not FLAGS.workdir:
-            raise ValueError("--workdir is required")
-        model_cfg, params, tokenizer = load_run(FLAGS.workdir, FLAGS.step)
-        ids = tokenizer.encode(FLAGS.prompt)
-        if not ids:
-            raise ValueError("--prompt: encodes to no tokens")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    model_cfg, params, tokenizer = load_run(FLAGS.workdir, FLAGS.step)
+    ids = tokenizer.encode(FLAGS.prompt)
+    if not ids:
+        raise ValueError("--prompt: encodes to no tokens")
     prompt = np.tile(np.asarray(ids, np.int32)[None], (FLAGS.num_samples, 1))
     out = generate(model_cfg, params, prompt, max_new_tokens=FLAGS.max_new_tokens,
                    temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,

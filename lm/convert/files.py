@@ -74,8 +74,13 @@ def read_hf_config(path: str) -> dict[str, Any]:
 def _read_safetensors(file: str) -> Flat:
     from safetensors import safe_open
 
-    with safe_open(file, framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    try:
+        with safe_open(file, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 (SafetensorError is not exported as a class)
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def read_hf_weights(path: str) -> Flat:

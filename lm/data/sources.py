@@ -115,8 +115,11 @@ def local_text_config(
 
 def _read_text(path: str) -> str:
     # newline='' keeps '\r\n' as is: the records must reproduce the file exactly.
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:

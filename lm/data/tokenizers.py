@@ -90,9 +90,12 @@ class CharTokenizer:
     @classmethod
     def train(cls, corpus_path: str) -> CharTokenizer:
         chars: set[str] = set()
-        with open(corpus_path, encoding="utf-8", newline="") as f:
-            while block := f.read(1 << 20):
-                chars.update(block)
+        try:
+            with open(corpus_path, encoding="utf-8", newline="") as f:
+                while block := f.read(1 << 20):
+                    chars.update(block)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{corpus_path}: not UTF-8 text ({e.reason})") from None
         return cls(sorted(chars))
 
     @classmethod
