@@ -267,3 +267,15 @@ def test_an_axis_over_whole_config_files(tmp_path):
     assert a.resolved["optim"]["lr"] == b.resolved["optim"]["lr"] == 2e-3  # stage overrides
     assert b.resolved["train"]["batch_size"] == 6
     assert dict(b.overrides) == {"optim.lr": 2e-3, "train.batch_size": 6, "seed": 0}
+
+
+STUDIES = sorted((ROOT / "experiments").glob("*/study.py"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.parent.name for p in STUDIES])
+def test_every_shipped_study_expands(path, tmp_path):
+    study, root = cli.load_study(str(path.parent))
+    assert study.name == path.parent.name and Path(root) == ROOT
+    runs = expand(study, root, str(tmp_path))
+    assert len({r.key for r in runs}) == len(runs) > 0
+    assert (path.parent / "README.md").read_text().count(report.START) == 1

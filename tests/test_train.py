@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm import checkpoint, train
+from lm import checkpoint, config_check, train
 from lm.config_base import to_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,6 +224,7 @@ def test_every_config_builds_its_model(path):
     variants = getattr(module, "VARIANTS", {None: None})
     for variant in variants:
         c = module.get_config(variant)
+        config_check.validate(c)  # every shipped variant passes the one-place field checks
         objective = objectives.get(c)
         cfg = to_model_config(c.model, vocab_size=c.model.vocab_size or 512)
         model = objective.build_model(cfg)
