@@ -28,7 +28,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 DataState = bytes | dict[str, Any]
 
@@ -124,6 +126,13 @@ def _preservation_kwargs(max_to_keep: int) -> dict[str, Any]:
     if latest_n is not None and "preservation_policy" in fields:
         return {"preservation_policy": latest_n(n=max_to_keep)}
     return {"max_to_keep": max_to_keep}
+
+
+UNREADABLE = ".unreadable"  # suffix of a damaged step directory, kept beside the others
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint holds another model's parameters (the run's config changed)."""
 
 
 class Checkpointer:
@@ -227,10 +236,38 @@ class Checkpointer:
             problem = self._mismatch(step, abstract_state)
             if problem is None:
                 raise
-            raise ValueError(f"{self.directory / str(step)}: the checkpoint does not match this "
-                             f"run's model ({problem}); the config changed since it was "
-                             "saved: restore the old config or use a new --workdir") from e
+            raise CheckpointMismatch(
+                f"{self.directory / str(step)}: the checkpoint does not match this run's model "
+                f"({problem}); the config changed since it was saved: restore the old config "
+                "or use a new --workdir") from e
         return restored[_STATE], (restored[_DATA] if has_data else None)
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, DataState | None] | None:
+        """(step, state, data_state) of the newest readable checkpoint, or None if none.
+
+        A checkpoint that cannot be read (files damaged or cut short) is logged with its
+        step and the reason, renamed `STEP.unreadable` (kept for inspection, never deleted,
+        and no longer a step) and the one before it is tried. A checkpoint of another model
+        (the config changed) is not damage: CheckpointMismatch propagates."""
+        for step in reversed(self.all_steps()):
+            try:
+                state, data_state = self.restore(step, abstract_state)
+                return step, state, data_state
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 (any failure to read is damage here)
+                why = " ".join(str(e).split())[:300] or type(e).__name__
+                src = self.directory / str(step)
+                dst = self.directory / f"{step}{UNREADABLE}"
+                logging.warning("checkpoint step %d in %s is unreadable (%s): kept as %s; "
+                                "falling back to the previous checkpoint", step,
+                                self.directory, why, dst.name)
+                if jax.process_index() == 0:
+                    os.rename(src, dst)
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices(f"lm_unreadable_{step}")
+                self._manager.reload()
+        return None
 
     def _mismatch(self, step: int, abstract_state: Any) -> str | None:
         """The first parameter whose presence or shape differs between the checkpoint of

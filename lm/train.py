@@ -196,9 +196,10 @@ def _train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints,
                                    save_every=tc.checkpoint_every, async_save=tc.async_checkpoint)
     state = setup.init_state()
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state = ckpt.restore(start, checkpoint.abstract_like(state))
+    restored = ckpt.restore_latest(checkpoint.abstract_like(state))
+    start = None
+    if restored is not None:
+        start, state, data_state = restored
         setup.data.train_iter.set_state(data_state)
         logging.info("resumed from step %d", start)
     elif config.init_from:

@@ -233,3 +233,46 @@ def test_every_config_builds_its_model(path):
             m, jax.random.key(0), b))
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
         assert n > 0, (path, variant)
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "garbage_data"])
+def test_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, damage, caplog):
+    """The final checkpoint damaged; the same command again falls back to step 4, keeps the
+    damaged directory untouched, and re-creates step 6 bit for bit."""
+    from lm.init_from import read_run_params
+    from lm.rundir import run_steps
+
+    base = {"train.steps": 6, "train.checkpoint_every": 2, "train.log_every": 1,
+            "train.eval_every": 6}
+    run = tmp_path / "run"
+    train.train_and_evaluate(make_config(tmp_path, **base), str(run))
+    original, _ = read_run_params(str(run), 6)
+    step6 = run / "checkpoints" / "6"
+    if damage == "truncate":  # the largest array file cut to half its length
+        victim = max((p for p in (step6 / "state").rglob("*") if p.is_file()),
+                     key=lambda p: p.stat().st_size)
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    elif damage == "delete":
+        (step6 / "state" / "manifest.ocdbt").unlink()
+    else:
+        (step6 / "data" / "process_0-of-1.json").write_text("{not json")
+    damaged = _digest(step6)
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(make_config(tmp_path, **base), str(run))
+    assert "checkpoint step 6 in" in caplog.text and "is unreadable" in caplog.text
+    kept = run / "checkpoints" / "6.unreadable"
+    assert _digest(kept) == damaged  # never deleted, never modified
+    assert run_steps(str(run)) == [2, 4, 6]
+    again, _ = read_run_params(str(run), 6)
+    for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(original), strict=True):
+        np.testing.assert_array_equal(x, y)  # resumed from step 4 exactly
