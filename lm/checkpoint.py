@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -131,6 +133,14 @@ def _preservation_kwargs(max_to_keep: int) -> dict[str, Any]:
 UNREADABLE = ".unreadable"  # suffix of a damaged step directory, kept beside the others
 
 
+class DiskFull(OSError):
+    """The workdir's disk cannot hold the next checkpoint."""
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
+
+
 class CheckpointMismatch(ValueError):
     """The checkpoint holds another model's parameters (the run's config changed)."""
 
@@ -198,7 +208,29 @@ class Checkpointer:
             items[_DATA] = DataStateSave(data_state)
         if metadata is not None:
             items[_META] = ocp.args.JsonSave(dict(metadata))
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        self.wait()  # an earlier async save still holds space (and may have failed)
+        self._check_space(step, state)
+        try:
+            return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise self._disk_full(step, _nbytes(state)) from None
+            raise
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuses a save the disk cannot hold, before a byte is written: a full disk stops
+        the run with one line, and the previous checkpoint stays whole."""
+        need = _nbytes(state)
+        if shutil.disk_usage(self.directory).free < need * 1.1 + (1 << 20):
+            raise self._disk_full(step, need)
+
+    def _disk_full(self, step: int, need: int) -> DiskFull:
+        free = shutil.disk_usage(self.directory).free
+        latest = self.latest_step()
+        kept = f"the last checkpoint, step {latest}, is intact" if latest else "no checkpoint yet"
+        return DiskFull(f"--workdir: {self.directory.parent}: no space for the checkpoint of "
+                        f"step {step}: {free / 2**20:.1f} MiB free, about "
+                        f"{(need * 1.1 + (1 << 20)) / 2**20:.1f} MiB needed ({kept})")
 
     def _resolve_step(self, step: int | None) -> int:
         if step is None:

@@ -194,3 +194,44 @@ def test_bad_input_is_one_line(files, name, argv, needle):
     assert needle in errors[0], errors[0]
     assert tree_digest(ckpt) == before, "a bad input changed the run's checkpoints"
     assert run_steps(str(files["dir"] / "new_run")) == []  # no checkpoint was committed
+
+
+def _mount_tmpfs(path: Path, size: int) -> str | None:
+    """None when a tmpfs of `size` bytes is mounted at `path`, else why not."""
+    path.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                               str(path)], capture_output=True, text=True, timeout=20)
+    except OSError as e:
+        return f"mount: {e}"
+    return None if proc.returncode == 0 else f"cannot mount a tmpfs: {proc.stderr.strip()}"
+
+
+def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, files):
+    from lm.init_from import read_run_params
+
+    # Size the disk from a real run: the data, then room for one checkpoint but not two.
+    ref = files["run"]
+    ckpt = next(p for p in sorted((ref / "checkpoints").iterdir()) if p.name.isdigit())
+    one = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    data = sum(p.stat().st_size for p in (ref / "data").rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    why = _mount_tmpfs(disk, data + 2 * one + (3 << 20) // 2)
+    if why:
+        pytest.skip(why)
+    try:
+        workdir = disk / "run"
+        proc = sh("-m", "lm.main", CHAR, f"--workdir={workdir}",
+                  f"--config.data.path={files['corpus']}", "--config.train.steps=40",
+                  "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=5",
+                  "--config.train.async_checkpoint=False")
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(errors) == 1 and f"--workdir: {workdir}: no space for the checkpoint" in (
+            errors[0]) and "MiB free" in errors[0], errors
+        kept = run_steps(str(workdir))
+        assert kept and f"the last checkpoint, step {kept[-1]}, is intact" in errors[0]
+        params, step = read_run_params(str(workdir))  # readable
+        assert step == kept[-1] and params
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True, timeout=20)
