@@ -217,6 +217,31 @@ def _rows_per_process(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
+class GlobalBatchRows:
+    """A sampler over this process' rows of each global batch of `inner`'s order: local
+    step k is row k % R of global batch k // R, i.e. global position
+    (k // R) * B + process_index * R + k % R with R = B // process_count. Each process reads
+    only its own records, yet P processes together see exactly the batches one would."""
+
+    def __init__(self, inner: grain.samplers.IndexSampler, batch_size: int,
+                 process_index: int, process_count: int):
+        self.inner, self.batch_size = inner, batch_size
+        self.rows = batch_size // process_count
+        self.offset = process_index * self.rows
+
+    def __len__(self) -> int:
+        return len(self.inner) // self.batch_size * self.rows
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        batch, row = divmod(index, self.rows)
+        meta = self.inner[batch * self.batch_size + self.offset + row]
+        return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
+
+    def __repr__(self) -> str:  # grain checks it against a restored iterator's state
+        return (f"GlobalBatchRows({self.inner!r}, batch_size={self.batch_size}, "
+                f"rows={self.rows}, offset={self.offset})")
+
+
 def make_train_iterator(
     source: LMWindows,
     *,
@@ -230,9 +255,10 @@ def make_train_iterator(
 ) -> grain.DataLoaderIterator:
     """This process' training batches [batch_size // process_count, L], resumable exactly.
 
-    Windows are sharded across processes (each sees a disjoint 1/process_count of them per epoch;
-    the remainder is dropped), shuffled per epoch from `seed`; partial batches are dropped.
-    Save/restore with the iterator's get_state() / set_state().
+    Every process walks the same seeded global order and reads only its rows of each global
+    batch (`GlobalBatchRows`), so the global batch, and hence training, does not depend on
+    the number of processes; partial batches are dropped. Save/restore with the iterator's
+    get_state() / set_state().
     """
     rows = _rows_per_process(batch_size, process_count)
     if len(source) < process_count:
@@ -240,18 +266,17 @@ def make_train_iterator(
             f"{len(source)} training windows cannot be shared by {process_count} processes "
             "(more data or a shorter seq_len needed)"
         )
-    sampler = grain.samplers.IndexSampler(
+    sampler = GlobalBatchRows(grain.samplers.IndexSampler(
         num_records=len(source),
-        shard_options=grain.sharding.ShardOptions(
-            shard_index=process_index, shard_count=process_count, drop_remainder=True
-        ),
+        shard_options=grain.sharding.NoSharding(),
         shuffle=shuffle,
         num_epochs=num_epochs,
         seed=seed & 0xFFFFFFFF,  # grain wants a non-negative 32-bit seed
-    )
+    ), batch_size, process_index, process_count)
     loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,
+        shard_options=grain.sharding.NoSharding(),  # the sampler yields only this process' rows
         operations=[grain.transforms.Batch(rows, drop_remainder=True)],
         worker_count=worker_count,
         # A window costs ~10 us to cut: grain's default 16 reader threads with a 500-deep
