@@ -121,7 +121,7 @@ def test_second_trainer_on_a_workdir_refuses(tmp_path):
     assert not (workdir / "checkpoints").exists()
 
 
-def _slurm_up() -> str | None:
+def slurm_unavailable() -> str | None:
     """None when a SLURM controller answers, else why not."""
     if shutil.which("sinfo") is None:
         return "SLURM is not installed (scripts/local_slurm.sh installs and starts it)"
@@ -138,7 +138,7 @@ def _slurm_up() -> str | None:
 
 
 def test_slurm_sweep_runs_and_reports(tmp_path):
-    why = _slurm_up()
+    why = slurm_unavailable()
     if why:
         pytest.skip(why)
     pytest.importorskip("submitit")

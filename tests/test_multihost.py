@@ -54,3 +54,44 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     run_two(workdir, [*common, "--config.train.steps=6"])  # both processes resume at 4
     assert sorted(losses(workdir)) == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
+
+
+def test_srun_two_processes_match_one_process_and_resume(tmp_path):
+    """`srun -n 2` on the one-node SLURM: jax.distributed.initialize() finds the job by
+    itself; the run trains, checkpoints and resumes, and its parameters equal one process'."""
+    import numpy as np
+    import pytest
+
+    from lm.init_from import read_run_params
+    from tests.test_experiment_launch import slurm_unavailable
+
+    why = slurm_unavailable()
+    if why:
+        pytest.skip(why)
+    path = corpus(tmp_path)
+    common = [f"--config.data.path={path}", "--config.train.log_every=1",
+              "--config.train.eval_every=6", "--config.train.checkpoint_every=2",
+              "--config.train.batch_size=8", "--config.optim.decay_steps=6"]
+    run_main(tmp_path / "one", *common, "--config.train.steps=6")
+    workdir = tmp_path / "two"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    for steps in (4, 6):  # the second srun resumes from step 4
+        proc = subprocess.run(
+            ["srun", "-n", "2", "--time=10", sys.executable, "-m", "lm.main",
+             "--config=configs/char_lm.py:test", f"--workdir={workdir}", *common,
+             f"--config.train.steps={steps}", "--config.train.distributed=True"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stderr.count("JAX distributed initialized") == 2  # two processes joined
+    assert "resumed from step 4" in proc.stderr
+    assert sorted(losses(workdir)) == [1, 2, 3, 4, 5, 6]
+    one, _ = read_run_params(str(tmp_path / "one"), 6)
+    two, _ = read_run_params(str(workdir), 6)
+    for a, b in zip(jax_leaves(one), jax_leaves(two), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
