@@ -96,6 +96,11 @@ def test_sentencepiece_lossless_specials_deterministic(tmp_path):
     tokenizers.SentencePieceTokenizer.train(corpus, 300).save(str(tmp_path / "b"))
     model_a = (tmp_path / "a" / "spm.model").read_bytes()
     assert model_a == (tmp_path / "b" / "spm.model").read_bytes()
+    # A path with commas (study run directories: "width=64,seed=0") trains the same model.
+    (tmp_path / "width=64,seed=0").mkdir()
+    comma = _write(tmp_path / "width=64,seed=0" / "corpus.txt", _words_text())
+    tokenizers.SentencePieceTokenizer.train(comma, 300).save(str(tmp_path / "c"))
+    assert model_a == (tmp_path / "c" / "spm.model").read_bytes()
     again = tokenizers.load_tokenizer(str(tmp_path / "a"))
     assert isinstance(again, tokenizers.SentencePieceTokenizer)
     assert again.encode(MIXED) == tok.encode(MIXED)

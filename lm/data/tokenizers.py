@@ -191,6 +191,9 @@ class SentencePieceTokenizer:
             raise ValueError(f"SentencePiece: corpus file is empty: {corpus_path}")
         spm.set_random_generator_seed(seed)
         with tempfile.TemporaryDirectory() as tmp:
+            if "," in corpus_path:  # the trainer splits `input` at commas (a list of files)
+                os.symlink(os.path.abspath(corpus_path), os.path.join(tmp, "corpus.txt"))
+                corpus_path = os.path.join(tmp, "corpus.txt")
             spm.SentencePieceTrainer.train(
                 input=corpus_path,
                 model_prefix=os.path.join(tmp, "spm"),
