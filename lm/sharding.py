@@ -8,6 +8,7 @@ the parallelism strategy without touching model code.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -188,3 +189,40 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
         global_shape = (global_rows, *value.shape[1:])
         out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, LogicalRules] | None] = contextvars.ContextVar(
+    "lm_sharding_active", default=None)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """Pins an activation's sharding by logical axis names while a `Constrained` function
+    traces; a no-op anywhere else (eager calls, sampling). Models call this, never the mesh."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = nn.logical_to_mesh_axes(logical_axes, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+class Constrained:
+    """A jitted function called (and lowered) with its mesh and rules active, so the models'
+    activation constraints (`constrain`) take effect while it traces. Batch sharding inside
+    `nn.scan` depends on them: without, XLA may replicate the scanned activations."""
+
+    def __init__(self, jitted: Any, mesh: Mesh, rules: LogicalRules):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        token = _ACTIVE.set((self.mesh, self.rules))
+        try:
+            return fn(*args)
+        finally:
+            _ACTIVE.reset(token)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._run(self.jitted, *args)
+
+    def lower(self, *args: Any) -> Any:
+        return self._run(self.jitted.lower, *args)

@@ -49,6 +49,7 @@ class Setup:
     lr: Callable = struct.field(pytree_node=False)
     state_sharding: Any = struct.field(pytree_node=False)
     init_state: Callable = struct.field(pytree_node=False)
+    rules: Any = struct.field(pytree_node=False, default=sharding.RULES["dp"])
 
 
 class NonFiniteLoss(RuntimeError):
@@ -59,7 +60,7 @@ def build(config: ConfigDict, workdir: str) -> Setup:
     """Mesh, data, model, optimizer and the sharded state initializer (no compute yet)."""
     devices = jax.devices()[: config.mesh.num_devices] if config.mesh.num_devices else None
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    rules = sharding.get_rules(config.mesh.rules)
+    sharding.get_rules(config.mesh.rules)  # a bad preset fails before the data is built
     sharding.check_batch_divisible(config.train.batch_size, mesh)
     accum = config.optim.grad_accum_steps
     if accum < 1 or (config.train.batch_size // jax.process_count()) % accum:
@@ -68,10 +69,19 @@ def build(config: ConfigDict, workdir: str) -> Setup:
     objective = objectives.get(config)
     data = objective.build_data(workdir, jax.process_index(), jax.process_count())
     model_cfg = to_model_config(config.model, **objective.model_overrides(data))
+    return assemble(config, objective, model_cfg, mesh, data)
+
+
+def assemble(config: ConfigDict, objective: Objective, model_cfg: Any, mesh, data: Any = None
+             ) -> Setup:
+    """Model, optimizer and sharded state initializer on `mesh` (also for ahead-of-time
+    compilation, which has no data: `data` None)."""
+    rules = sharding.get_rules(config.mesh.rules)
     model = objective.build_model(model_cfg)
     tx, lr = optim.build(config.optim, config.train.steps)
     state_sharding, init_state = make_state_init(config, objective, model, tx, mesh, rules)
-    return Setup(objective, model, model_cfg, data, mesh, tx, lr, state_sharding, init_state)
+    return Setup(objective, model, model_cfg, data, mesh, tx, lr, state_sharding, init_state,
+                 rules)
 
 
 def make_state_init(config: ConfigDict, objective: Objective, model: nn.Module, tx, mesh,
@@ -130,18 +140,20 @@ def make_train_step(setup: Setup, accum: int) -> Callable:
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
     batch_sh = sharding.batch_sharding(setup.mesh)
-    return jax.jit(train_step, in_shardings=(setup.state_sharding, batch_sh),
-                   out_shardings=(setup.state_sharding, sharding.replicated(setup.mesh)),
-                   donate_argnums=0)
+    jitted = jax.jit(train_step, in_shardings=(setup.state_sharding, batch_sh),
+                     out_shardings=(setup.state_sharding, sharding.replicated(setup.mesh)),
+                     donate_argnums=0)
+    return sharding.Constrained(jitted, setup.mesh, setup.rules)
 
 
 def make_evaluate(setup: Setup, max_batches: int) -> Callable[[Any], dict[str, float]]:
     """params -> {'eval/<name>': value} over the validation pass (sums kept on device)."""
     objective, model = setup.objective, setup.model
 
-    @jax.jit
-    def eval_step(params, batch):
+    def eval_metrics(params, batch):
         return objective.metrics(model, params, batch, None, train=False)
+
+    eval_step = sharding.Constrained(jax.jit(eval_metrics), setup.mesh, setup.rules)
 
     def evaluate(params) -> dict[str, float]:
         sums = None

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from lm.models import positions as pos_lib
 from lm.models.config import ModelConfig
 from lm.models.masks import Mask
+from lm.sharding import constrain
 
 _NEG = -1e30  # large finite negative: fully masked rows stay NaN-free
 
@@ -126,7 +127,7 @@ class Attention(nn.Module):
         if cfg.position == "rope" and not self.cross and mask is not None:
             q_BLHK = pos_lib.apply_rope(q_BLHK, mask.q_positions, cfg.rope_theta)
             k_BSGK = pos_lib.apply_rope(k_BSGK, mask.q_positions, cfg.rope_theta)
-        q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", "act_kv"))
+        q_BLHK = constrain(q_BLHK, ("batch", "length", "act_heads", "act_kv"))
 
         if self.decode and not self.cross:
             k_BSGK, v_BSGK = self._update_cache(k_BSGK, v_BSGK)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from lm.models.attention import Attention
 from lm.models.config import ModelConfig
 from lm.models.masks import Mask
+from lm.sharding import constrain
 
 
 def param_init(cfg: ModelConfig, axes: tuple[str, ...], init=None):
@@ -161,7 +162,7 @@ class Mlp(nn.Module):
         h_BLF = activation(cfg.activation, h_BLF)
         if cfg.activation in ("swiglu", "geglu"):
             h_BLF = h_BLF * Dense(cfg, cfg.mlp_dim, ("embed", "mlp"), name="wi_up")(x_BLD)
-        h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "act_mlp"))
+        h_BLF = constrain(h_BLF, ("batch", "length", "act_mlp"))
         h_BLF = nn.Dropout(cfg.dropout_rate)(h_BLF, deterministic=deterministic)
         return Dense(cfg, cfg.d_model, ("mlp", "embed"), self.out_init_scale, name="wo")(h_BLF)
 
@@ -196,7 +197,7 @@ class Block(nn.Module):
                 return x + drop(fn(Norm(cfg, name=f"{name}_norm")(x)), deterministic=det)
             return Norm(cfg, name=f"{name}_norm")(x + drop(fn(x), deterministic=det))
 
-        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
+        x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
         attn = Attention(cfg, decode=self.decode, cache_len=self.cache_len,
                          out_init_scale=scale, name="attention")
         x_BLD = sublayer(x_BLD, "attention",
