@@ -279,3 +279,29 @@ def test_every_shipped_study_expands(path, tmp_path):
     runs = expand(study, root, str(tmp_path))
     assert len({r.key for r in runs}) == len(runs) > 0
     assert (path.parent / "README.md").read_text().count(report.START) == 1
+
+
+def test_change_detection_names_the_field_ignores_added_options_and_follows_parents(tmp_path):
+    sweep = tmp_path / "sweep"
+    study = two_stage_study()
+    runs = expand(study, str(ROOT), str(sweep))
+    for run in runs:  # as launched and trained: run.json + the trainer's config.json
+        fake_run(sweep, run, [{"step": run.final_step, "eval/loss": 1.0}])
+        st.write_json(str(Path(launch.workdir(str(sweep), run)) / "config.json"), run.resolved)
+    assert len(launch.plan(runs, str(sweep)).finished) == len(runs)
+    # An option added to the codebase later (present only in the new config) is no change.
+    older = json.loads(json.dumps(runs[0].resolved))
+    del older["model"]["pooler"]
+    st.write_json(str(Path(launch.workdir(str(sweep), runs[0])) / "config.json"), older)
+    assert launch.plan(runs, str(sweep)).changed == []
+    # A changed value is, named with both values; the parent's children follow it.
+    pre = Stage("pretrain", CHAR, overrides={"mesh.num_devices": 1, "optim.end_lr": 5e-5},
+                axes=[Grid({"model.position": ["learned", "rope"]})], seeds=[0, 1])
+    edited = expand(two_stage_study(stages=[pre, study.stages[1]]), str(ROOT), str(sweep))
+    p = launch.plan(edited, str(sweep))
+    assert len(p.changed) == len(runs)
+    assert p.reasons["pretrain/position=learned,seed=0"] == "optim.end_lr: 0.0001 -> 5e-05"
+    child = "finetune/position=learned,pretrain_seed=0,recipe=fast,dropout_rate=0,seed=5"
+    assert p.reasons[child] == "its parent pretrain/position=learned,seed=0 changed"
+    assert any("changed: pretrain/position=rope,seed=1 (optim.end_lr" in line
+               for line in launch.describe(p))

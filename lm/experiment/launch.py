@@ -29,6 +29,37 @@ class Plan:
     changed: list[Run]
     removed: list[str]  # run keys on disk that the study no longer has
     running: list[Run]
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # changed run -> why
+
+
+def _ran_with(wd: str, record: dict) -> dict | None:
+    """The config a run directory's run used: its config.json (what the trainer saw), else
+    the resolved config its launch recorded."""
+    ran = st.read_json(os.path.join(wd, "config.json"))
+    return ran if isinstance(ran, dict) else record.get("resolved")
+
+
+def changed_field(old: dict | None, new: dict, prefix: str = "") -> str | None:
+    """'optim.lr: 0.001 -> 0.002' for the first field whose value differs, else None.
+
+    Fields only in `new` do not count: an option added to the codebase since the run
+    started keeps the old behaviour at its default (the project's rule for new options),
+    so every study does not restart when a field is added. A removed field does count."""
+    if old is None:
+        return None
+    for key in sorted(old):
+        name = f"{prefix}{key}"
+        if key not in new:
+            return f"{name}: no longer a config field"
+        a, b = old[key], new[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            why = changed_field(a, b, name + ".")
+            if why:
+                return why
+        elif a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple)
+                             and list(a) == list(b)):
+            return f"{name}: {a!r} -> {b!r}"
+    return None
 
 
 def workdir(sweep_dir: str, run: Run) -> str:
@@ -59,10 +90,22 @@ def plan(runs: Sequence[Run], sweep_dir: str) -> Plan:
     p = Plan([], [], [], [], [])
     keys = {r.key for r in runs}
     p.removed = sorted(k for k in disk if k not in keys)
+    changed_keys: set[str] = set()
     for run in runs:
+        wd = workdir(sweep_dir, run)
         record = disk.get(run.key)
-        if record is not None and record["id"] != run.id:
+        why = None
+        if run.parent in changed_keys:
+            why = f"its parent {run.parent} changed"
+        elif record is not None:
+            why = changed_field(_ran_with(wd, record), run.resolved)
+            if why is None and "resolved" not in record and not os.path.exists(
+                    os.path.join(wd, "config.json")) and record["id"] != run.id:
+                why = "its identity changed"
+        if why is not None:
+            changed_keys.add(run.key)
             p.changed.append(run)
+            p.reasons[run.key] = why
             continue
         s = st.run_state(workdir(sweep_dir, run), run.final_step)
         if s.state == "finished":
@@ -78,7 +121,8 @@ def describe(p: Plan) -> list[str]:
     lines = [f"{len(p.finished)} finished (skipped), {len(p.todo)} to run or resume, "
              f"{len(p.running)} running elsewhere, {len(p.changed)} changed, "
              f"{len(p.removed)} no longer in the study"]
-    lines += [f"  changed: {r.key} (its config differs from the run on disk)" for r in p.changed]
+    lines += [f"  changed: {r.key} ({p.reasons.get(r.key, 'its config differs')})"
+              for r in p.changed]
     lines += [f"  removed: {k} (left on disk)" for k in p.removed]
     lines += [f"  running: {r.key} (skipped)" for r in p.running]
     return lines
@@ -109,7 +153,8 @@ def write_run_record(study: Study, run: Run, sweep_dir: str, cmd: Sequence[str])
     st.write_json(os.path.join(wd, st.RUN_FILE), {
         "study": study.name, "stage": run.stage, "name": run.name, "id": run.id,
         "seed": run.seed, "setting": dict(run.setting), "parent": run.parent,
-        "config": run.config, "overrides": dict(run.overrides), "command": list(cmd)})
+        "config": run.config, "overrides": dict(run.overrides), "command": list(cmd),
+        "resolved": run.resolved})
     try:
         os.remove(os.path.join(wd, st.EXIT_FILE))
     except FileNotFoundError:
