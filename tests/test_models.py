@@ -399,3 +399,19 @@ def test_gelu_matches_exact_gelu_and_its_gradient():
     xb = x.astype(jnp.bfloat16)
     assert gelu(xb).dtype == jnp.bfloat16
     assert jax.grad(lambda v: gelu(v).astype(jnp.float32).sum())(xb).dtype == jnp.bfloat16
+
+
+def test_scale_embeddings_multiplies_tokens_by_sqrt_width_before_positions():
+    from lm.models.transformer import Embedder
+
+    ids = jnp.arange(12).reshape(2, 6) % TINY.vocab_size
+    pos = jnp.tile(jnp.arange(6), (2, 1))
+    plain = Embedder(TINY.replace(position="sinusoidal"))
+    scaled = Embedder(TINY.replace(position="sinusoidal", scale_embeddings=True))
+    params = plain.init(jax.random.key(0), ids, pos)
+    from lm.models import positions as pos_lib
+
+    table = pos_lib.sinusoidal(pos, TINY.d_model)
+    tokens = plain.apply(params, ids, pos) - table
+    np.testing.assert_allclose(scaled.apply(params, ids, pos),
+                               tokens * np.sqrt(TINY.d_model) + table, rtol=1e-6, atol=1e-6)

@@ -145,7 +145,8 @@ def config_to_hf(cfg: ModelConfig, kind: str, num_classes: int = 0) -> dict[str,
     layout.check_exportable(cfg, kind, {
         "pre_norm": False, "embed_norm": True, "position": "learned", "norm": "layernorm",
         "activation": tuple(_ACT_TO_HF), "num_kv_heads": (None, cfg.num_heads),
-        "head_dim": (None, cfg.d_model // cfg.num_heads), "scale_tied_logits": False})
+        "head_dim": (None, cfg.d_model // cfg.num_heads), "scale_tied_logits": False,
+        "scale_embeddings": False})
     out: dict[str, Any] = {
         "architectures": [kind], "model_type": "bert", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,

@@ -97,7 +97,7 @@ def config_to_hf(cfg: ModelConfig, kind: str) -> dict[str, Any]:
         "pre_norm": True, "embed_norm": False, "position": "learned", "norm": "layernorm",
         "activation": tuple(_ACT_TO_HF), "num_kv_heads": (None, cfg.num_heads),
         "head_dim": (None, cfg.d_model // cfg.num_heads), "type_vocab_size": 0,
-        "scale_tied_logits": False})
+        "scale_tied_logits": False, "scale_embeddings": False})
     eos = _GPT2_EOS if cfg.vocab_size > _GPT2_EOS else None
     return {
         "architectures": [kind], "model_type": "gpt2", "vocab_size": cfg.vocab_size,

@@ -48,6 +48,9 @@ class ModelConfig:
     norm_bias: bool = True  # LayerNorm shift (nanoGPT's bias=False drops it and use_bias)
     tie_embeddings: bool = True  # output projection shares the token embedding
     scale_tied_logits: bool = False  # T5: multiply hidden by d_model**-0.5 before tied output
+    # Vaswani et al.: token embeddings times sqrt(d_model) at the input, so that N(0, 0.02)
+    # embeddings are not drowned by unit-amplitude sinusoidal positions
+    scale_embeddings: bool = False
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     attention_impl: AttentionImpl = "einsum"

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm.models import masks as masks_lib
 from lm.models import positions as pos_lib
@@ -50,6 +51,8 @@ class Embedder(nn.Module):
                  ) -> jnp.ndarray:
         cfg = self.cfg
         x_BLD = self.token(ids_BL)
+        if cfg.scale_embeddings:
+            x_BLD = x_BLD * np.sqrt(cfg.d_model).astype(x_BLD.dtype)
         if cfg.position == "learned":
             x_BLD = x_BLD + self.position(positions_BL)
         elif cfg.position == "sinusoidal":
