@@ -8,7 +8,7 @@ finetune_sst2.py: 872 whole validation sentences, their phrases kept out of trai
   tapt     task-adaptive MLM (Gururangan et al. 2020) on SST-2's own training texts,
            the vocabulary trained on them (configs/bert.py:mini,sst2)
   minilm   the packaged all-MiniLM-L6-v2 (6 x 384, pretrained far beyond this machine)
-Pretraining: 900 steps of 32 x 128 tokens per arm (about 13 CPU-minutes here). Fine-tuning:
+Pretraining: 600 steps of 32 x 128 tokens per arm (about 8 CPU-minutes here). Fine-tuning:
 300 steps of 32, AdamW 3e-4 with 10 % warmup and linear decay (MiniLM: 5e-5, its
 config's rate), 2 seeds per arm; pretrained arms fine-tune from each of their pretraining
 runs (`init_from`).
@@ -16,7 +16,7 @@ runs (`init_from`).
 
 from lm.experiment import Report, Stage, Study, Zip
 
-PRETRAIN_STEPS = 900
+PRETRAIN_STEPS = 600
 FINETUNE = {"train.steps": 300, "optim.warmup_steps": 30, "train.eval_every": 75,
             "train.checkpoint_every": 150, "train.log_every": 10}
 
