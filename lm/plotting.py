@@ -52,7 +52,8 @@ def plot_curves(path: str, series: Mapping[str, Sequence[Sequence[tuple[int, flo
         steps, mean, std = mean_band(curves)
         if not len(steps):
             continue
-        (line,) = ax.plot(steps, mean, label=f"{label} (n={len(curves)})", lw=1.5)
+        name = label if len(curves) == 1 else f"{label} (n={len(curves)})"
+        (line,) = ax.plot(steps, mean, label=name, lw=1.5)
         if len(curves) > 1:
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)

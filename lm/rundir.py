@@ -1,4 +1,6 @@
-"""The run directory's lock: one training process (per host group) owns a workdir at a time.
+"""A run directory read without the trainer: its lock, committed steps, metrics records.
+
+One training process (per host group) owns a workdir at a time.
 
 `WorkdirLock` holds an exclusive `flock` on `WORKDIR/.lock` and writes the holder's host
 and pid into it. The kernel drops the lock when its process dies, however it dies, so a
@@ -95,3 +97,20 @@ def run_steps(run_dir: str) -> list[int]:
         return []
     return sorted(int(n) for n in os.listdir(ckpt_dir)
                   if _STEP_DIR.match(n) and os.path.isdir(os.path.join(ckpt_dir, n)))
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+    """metrics.jsonl records in order (a torn last line from a crash is skipped)."""
+    out = []
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and "step" in record:
+                    out.append(record)
+    except OSError:
+        pass
+    return out

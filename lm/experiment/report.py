@@ -19,6 +19,7 @@ from lm import plotting
 from lm.experiment import state as st
 from lm.experiment.launch import workdir
 from lm.experiment.study import Run, Study
+from lm.rundir import read_metrics
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -84,7 +85,7 @@ def collect(study: Study, runs: Sequence[Run], sweep_dir: str) -> Results:
     for run in runs:
         wd = workdir(sweep_dir, run)
         state = st.run_state(wd, run.final_step)
-        records = st.read_metrics(wd)
+        records = read_metrics(wd)
         curve = [(int(r["step"]), float(r[rep.metric])) for r in records if rep.metric in r]
         value = (metric_value(records, rep.metric, rep.mode, rep.goal)
                  if state.state == "finished" else None)

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lm import rundir
+from lm.rundir import read_metrics
 
 RUN_FILE, LOG_FILE, EXIT_FILE = "run.json", "run.log", "exit.json"
 STATES = ("pending", "running", "interrupted", "failed", "finished")
@@ -50,23 +51,6 @@ def write_json(path: str, value: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(value, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
-
-
-def read_metrics(workdir: str) -> list[dict[str, float]]:
-    """metrics.jsonl records in order (a torn last line from a crash is skipped)."""
-    out = []
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and "step" in record:
-                    out.append(record)
-    except OSError:
-        pass
-    return out
 
 
 def last_error_line(workdir: str) -> str:
