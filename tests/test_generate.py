@@ -73,3 +73,19 @@ def test_sample_cli_on_a_trained_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lm.sample", f"--workdir={tmp_path / 'nope'}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_eos_stops_early_and_finished_rows_repeat_it():
+    prompt = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    params = Decoder(CFG).init(jax.random.key(2), jnp.asarray(prompt))["params"]
+    free = generate(CFG, params, prompt, max_new_tokens=12, temperature=0.0)
+    eos = int(free[0, 3])  # row 0's first greedy token
+    out = generate(CFG, params, prompt, max_new_tokens=12, temperature=0.0, eos_id=eos)
+    stops = [int(np.argmax(row[3:] == eos)) if eos in row[3:] else None for row in free]
+    if stops[1] is None:  # row 1 never emits it: the run goes the whole way
+        assert out.shape == (2, 15)
+    else:
+        assert out.shape == (2, 3 + max(stops) + 1)
+    np.testing.assert_array_equal(out[0, 3:], eos)  # row 0 finished at once and repeats eos
+    n = stops[1] + 1 if stops[1] is not None else 12
+    np.testing.assert_array_equal(out[1, 3:3 + n], free[1, 3:3 + n])  # row 1 unchanged
