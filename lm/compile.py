@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -147,14 +146,16 @@ def main(argv: list[str]) -> None:
 
 
 def _parse(argv: list[str]) -> list[str]:
+    """absl parsing; a bad flag or config file is one line (as in lm.main)."""
     try:
         rest = FLAGS(argv)
         if FLAGS.config is not None:
-            FLAGS.config.to_dict()
+            FLAGS.config.to_dict()  # a file that failed to load raises here
         return rest
-    except Exception as e:  # noqa: BLE001 (one line for any bad flag or config file)
-        print(f"error: --config: {' '.join(str(e).split())[:300]}", file=sys.stderr)
-        sys.exit(1)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
+            SyntaxError, ImportError, NameError) as e:
+        errors.fail(f"--config: {errors.config_load_error(e)}")
+        raise  # unreachable: fail exits
 
 
 if __name__ == "__main__":

@@ -63,3 +63,17 @@ def boundary(*extra: type[BaseException]) -> Callable[[F], F]:
         return run  # type: ignore[return-value]
 
     return wrap
+
+
+def config_load_error(e: BaseException) -> str:
+    """ml_collections' multi-line load errors -> the line that says what is wrong."""
+    while e.__cause__ is not None and isinstance(e, OSError):
+        e = e.__cause__
+    lines = [ln.strip() for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
+    errno = [ln for ln in lines if ln.startswith("[Errno")]
+    if errno:
+        return errno[0].split("] ", 1)[-1]
+    text = " ".join(lines).replace("\\", "").replace("'", "")
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}: {e.msg}"
+    return f"{type(e).__name__}: {text}" if isinstance(e, NameError | ImportError) else text

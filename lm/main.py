@@ -35,20 +35,6 @@ class _Quiet(py_logging.Filter):
 fail = errors.fail
 
 
-def _config_error(e: BaseException) -> str:
-    """ml_collections' multi-line load errors -> the line that says what is wrong."""
-    while e.__cause__ is not None and isinstance(e, OSError):
-        e = e.__cause__
-    lines = [ln.strip() for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
-    errno = [ln for ln in lines if ln.startswith("[Errno")]
-    if errno:
-        return errno[0].split("] ", 1)[-1]
-    text = " ".join(lines).replace("\\", "").replace("'", "")
-    if isinstance(e, SyntaxError) and e.filename:
-        return f"{e.filename}:{e.lineno}: {e.msg}"
-    return f"{type(e).__name__}: {text}" if isinstance(e, NameError | ImportError) else text
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     """absl parsing, but a bad config file or override is one line naming it, and every
     field is checked (lm.config_check) before anything is built."""
@@ -61,7 +47,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             config.to_dict()  # a file that failed to load raises here
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
             SyntaxError, ImportError, NameError) as e:
-        fail(f"--config: {_config_error(e)}")
+        fail(f"--config: {errors.config_load_error(e)}")
     if config is None or not FLAGS.workdir:
         fail("--config and --workdir are required")
     if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):

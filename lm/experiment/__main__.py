@@ -65,9 +65,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     study, root = load_study(args.study)
-    study_dir = os.path.dirname(os.path.abspath(args.study.rstrip("/")))
-    if not args.study.endswith(".py"):
-        study_dir = os.path.abspath(args.study)
+    path = os.path.abspath(args.study)
+    study_dir = os.path.dirname(path) if path.endswith(".py") else path
     sweep_dir = os.path.abspath(os.path.expanduser(args.sweep_dir or
                                                    default_sweep_dir(study.name)))
     runs = expand(study, root, sweep_dir)

@@ -95,7 +95,7 @@ def collect(study: Study, runs: Sequence[Run], sweep_dir: str) -> Results:
         if r.run.stage not in stages:
             continue
         row = rows.setdefault((r.run.stage, r.run.setting), Row(r.run.stage, r.run.setting, [], []))
-        seed = r.run.name.rsplit(",", 1)[-1] if "," in r.run.name else r.run.name
+        seed = f"seed={r.run.seed}"
         if r.value is not None:
             row.values.append(r.value)
         elif r.state.state == "finished":
