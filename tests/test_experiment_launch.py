@@ -142,6 +142,9 @@ def test_slurm_sweep_runs_and_reports(tmp_path):
     if why:
         pytest.skip(why)
     pytest.importorskip("submitit")
+    from lm.experiment import cloud
+
+    assert cloud.max_array_size() == 1001  # read from the cluster (scripts/local_slurm.sh)
     study_dir = make_project(tmp_path, steps=20, seeds=(0, 1))
     sweep = tmp_path / "sweep"
     proc = experiment("launch", str(study_dir), "--backend=slurm", f"--sweep_dir={sweep}",
