@@ -305,3 +305,22 @@ def test_change_detection_names_the_field_ignores_added_options_and_follows_pare
     assert p.reasons[child] == "its parent pretrain/position=learned,seed=0 changed"
     assert any("changed: pretrain/position=rope,seed=1 (optim.end_lr" in line
                for line in launch.describe(p))
+
+
+def test_restart_moves_changed_runs_aside_even_when_children_never_started(tmp_path):
+    sweep = tmp_path / "sweep"
+    runs = expand(two_stage_study(), str(ROOT), str(sweep))
+    for run in runs[:4]:  # the pretraining stage ran; its children never started
+        fake_run(sweep, run, [{"step": run.final_step, "eval/loss": 1.0}])
+        st.write_json(str(Path(launch.workdir(str(sweep), run)) / "config.json"), run.resolved)
+    pre = Stage("pretrain", CHAR, overrides={"mesh.num_devices": 1, "optim.end_lr": 5e-5},
+                axes=[Grid({"model.position": ["learned", "rope"]})], seeds=[0, 1])
+    edited = expand(two_stage_study(stages=[pre, two_stage_study().stages[1]]), str(ROOT),
+                    str(sweep))
+    p = launch.plan(edited, str(sweep))
+    launch.resolve_changes(p, str(sweep), "restart")
+    assert len(p.todo) == len(edited) and not p.changed
+    again = launch.plan(edited, str(sweep))  # the moved-aside directories are not runs
+    assert again.removed == [] and len(again.todo) == len(edited)
+    assert len(list((sweep / "pretrain").glob("*.old-*"))) == 4
+

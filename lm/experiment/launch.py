@@ -79,6 +79,8 @@ def _on_disk(sweep_dir: str) -> dict[str, dict]:
         if not os.path.isdir(stage_dir):
             continue
         for name in sorted(os.listdir(stage_dir)):
+            if ".old-" in name:  # a changed run's earlier directory, moved aside
+                continue
             record = st.read_json(os.path.join(stage_dir, name, st.RUN_FILE))
             if isinstance(record, dict) and "id" in record:
                 out[f"{stage}/{name}"] = record
@@ -139,6 +141,8 @@ def resolve_changes(p: Plan, sweep_dir: str, on_change: str) -> None:
                           "directories aside and start them again")
     for run in p.changed:
         src = workdir(sweep_dir, run)
+        if not os.path.isdir(src):  # changed through its parent, never started itself
+            continue
         old = st.read_json(os.path.join(src, st.RUN_FILE)) or {}
         dst = f"{src}.old-{old.get('id', 'unknown')}"
         shutil.move(src, dst)
