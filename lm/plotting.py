@@ -122,6 +122,10 @@ def plot_power_law(path: str, x: Sequence[float], y: Sequence[float], yerr: Sequ
     ax.plot(grid, a * grid ** (-alpha), "--", label=f"fit: {a:.3g} · N^(-{alpha:.3f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415 (after pyplot's backend)
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
