@@ -287,7 +287,9 @@ def _make_run(study: Study, stage: Stage, base: ConfigDict, parent: Run | None,
         parent_dir = os.path.join(sweep_dir, parent.stage, parent.name)
         apply_override(config, "init_from", parent_dir, f"stage {stage.name}: init_from")
         every["init_from"] = parent_dir
-        inherited = list(parent.setting) + [(f"{parent.stage}_seed", str(parent.seed))]
+        # the parent's name without its own seed (it keeps its ancestors'), then that seed
+        inherited = [tuple(part.split("=", 1)) for part in parent.name.split(",")[:-1]]
+        inherited.append((f"{parent.stage}_seed", str(parent.seed)))
         clash = {n for n, _ in inherited} & {n for n, _ in labels}
         if clash:
             raise ConfigError(f"stage {stage.name}: axis {sorted(clash)[0]} is also an axis of "
