@@ -70,7 +70,10 @@ def base_config() -> ConfigDict:
     c.train = ConfigDict(dict(
         steps=1000, batch_size=32, log_every=50, eval_every=500, checkpoint_every=500,
         keep_checkpoints=3, async_checkpoint=True, distributed=False,
-        preemption_sync_every=10, loss_chunk=512))
+        preemption_sync_every=10, loss_chunk=512,
+        # a jax.profiler trace of steps [profile_start, profile_start + profile_steps) into
+        # WORKDIR/profile (xprof / TensorBoard's profile plugin); 0 steps = off
+        profile_start=0, profile_steps=0))
     c.evals = ConfigDict(dict(max_batches=0))  # 0 = the whole validation split
     c.init_from = ""
     return c

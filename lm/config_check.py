@@ -153,6 +153,8 @@ RULES: dict[str, Check] = {
     "train.keep_checkpoints": at_least(1),
     "train.preemption_sync_every": at_least(1),
     "train.loss_chunk": at_least(-1),
+    "train.profile_start": non_negative,
+    "train.profile_steps": non_negative,
     "evals.max_batches": non_negative,
 }
 

@@ -364,3 +364,28 @@ class MetricsFetcher:
         step, flat = item
         host = jax.device_get(flat)
         return StepMetrics(step, {k: float(np.asarray(v)) for k, v in host.items()})
+
+
+class Profiler:
+    """A jax.profiler trace of steps [start, start + steps) into WORKDIR/profile; call
+    `before(step)` ahead of dispatching a step and `after(step, tree)` once it is queued
+    (the trace stops when that step's outputs are ready, so it holds whole steps)."""
+
+    def __init__(self, workdir: str, start: int, steps: int):
+        self.dir = os.path.join(workdir, "profile")
+        self.first, self.last = start, start + steps - 1
+        self.enabled = steps > 0
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if self.enabled and step == max(self.first, 1) and not self.active:
+            jax.profiler.start_trace(self.dir)
+            self.active = True
+
+    def after(self, step: int, tree: Any) -> None:
+        if self.active and step >= self.last:
+            jax.block_until_ready(tree)
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info("profile of steps %d-%d written to %s", max(self.first, 1), step,
+                         self.dir)

@@ -252,11 +252,14 @@ def _train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
             report(fetcher.flush())  # never checkpoint a state whose loss is not finite
             ckpt.save(step, state, setup.data.train_iter.get_state(), force=force)
 
+    profiler = reporting.Profiler(workdir, tc.profile_start, tc.profile_steps)
     throughput.reset(start)
     try:
         for step in range(start + 1, tc.steps + 1):
             batch = sharding.shard_batch(next(setup.data.train_iter), setup.mesh)
+            profiler.before(step)
             state, metrics = train_step(state, batch)
+            profiler.after(step, state)
             report(fetcher.push(step, metrics))
             if step % tc.eval_every == 0 or step == tc.steps:
                 report(fetcher.flush())

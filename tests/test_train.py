@@ -306,3 +306,13 @@ def test_restore_onto_a_different_mesh_is_bit_identical_and_continues(tmp_path):
         train.train_and_evaluate(c, str(run))
         assert run_steps(str(run))[-1] == 6
         assert max(losses(run)) == 6 and np.isfinite(losses(run)[6])
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+    c = make_config(tmp_path, **{"train.steps": 4, "train.profile_start": 2,
+                                 "train.profile_steps": 2})
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    train.train_and_evaluate(make_config(tmp_path, **{"train.steps": 2}), str(tmp_path / "off"))
+    assert not (tmp_path / "off" / "profile").exists()
