@@ -592,26 +592,3 @@ def test_build_bert_examples_from_docs_and_paths(tmp_path, tiny_tok):
     assert specials.random_token_low == 5 and specials.continuation is not None
     src = BertPretrainingSource(from_docs, specials, 12, 3, whole_word=True)
     assert tiny_tok.tokens[src[0]["input_ids"][0]] == "[CLS]"
-
-
-def test_labelled_reader_pretrains_on_exactly_the_finetuning_training_texts(tmp_path):
-    """Task-adaptive pretraining (reader=labelled) sees the fine-tuning run's training texts,
-    never its validation sentences (nor phrases found only inside them)."""
-    from lm.data import labelled
-    from lm.data.bert_pipeline import BertDataOptions, labelled_documents
-
-    sentences = [f"w{i} a{i % 7} b{i % 5} c{i % 3}" for i in range(40)]
-    rows = sentences + [" ".join(s.split()[1:3]) for s in sentences[:20]]  # inner phrases
-    path = tmp_path / "train.tsv"
-    path.write_text("sentence\tlabel\n" + "".join(f"{r}\t{i % 2}\n" for i, r in enumerate(rows)))
-    opts = BertDataOptions(path=str(path), reader="labelled", format="tsv", text_key="sentence",
-                           val_split="sentences", val_size=6, split_seed=3, texts_per_document=4,
-                           nsp_mode="none")
-    train_docs, val_docs = labelled_documents(opts)
-    examples = labelled.read_tsv(str(path), text_key="sentence")
-    tr, va = labelled.split_examples(opts.__dict__, examples)
-    assert [t for d in train_docs for t in d] == [examples[i].text for i in tr]
-    assert [t for d in val_docs for t in d] == [examples[i].text for i in va]
-    assert len(va) == 6 and all(len(d) <= 4 for d in train_docs)
-    val_texts = {examples[i].text for i in va}
-    assert not val_texts & {t for d in train_docs for t in d}
