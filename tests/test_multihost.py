@@ -59,6 +59,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
 def test_srun_two_processes_match_one_process_and_resume(tmp_path):
     """`srun -n 2` on the one-node SLURM: jax.distributed.initialize() finds the job by
     itself; the run trains, checkpoints and resumes, and its parameters equal one process'."""
+    import jax
     import numpy as np
     import pytest
 
@@ -87,11 +88,5 @@ def test_srun_two_processes_match_one_process_and_resume(tmp_path):
     assert sorted(losses(workdir)) == [1, 2, 3, 4, 5, 6]
     one, _ = read_run_params(str(tmp_path / "one"), 6)
     two, _ = read_run_params(str(workdir), 6)
-    for a, b in zip(jax_leaves(one), jax_leaves(two), strict=True):
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-
-
-def jax_leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
