@@ -125,6 +125,11 @@ RULES: dict[str, Check] = {
     "data.dupe_factor": at_least(1),
     "data.val_split": one_of("random", "sentences"),
     "data.val_size": non_negative,
+    "data.inputs_length": at_least(2),
+    "data.targets_length": at_least(2),
+    "data.noise_density": interval(0.0, 1.0),
+    "data.mean_span_length": at_least(1),
+    "data.extra_ids": non_negative,
     # optimizer
     "optim.name": one_of("adamw"),
     "optim.lr": positive,
@@ -155,7 +160,12 @@ RULES: dict[str, Check] = {
     "train.loss_chunk": at_least(-1),
     "train.profile_start": non_negative,
     "train.profile_steps": non_negative,
+    "train.label_smoothing": interval(0.0, 1.0),
     "evals.max_batches": non_negative,
+    "evals.decode_every": non_negative,
+    "evals.decode_examples": non_negative,
+    "evals.beam_size": at_least(1),
+    "evals.length_penalty": non_negative,
 }
 
 
@@ -177,6 +187,11 @@ def validate(config: Any) -> None:
             problem = check(value)
             if problem:
                 raise ConfigError(f"{path}: {problem}")
+    every = _lookup(values, "evals.decode_every")[1]
+    eval_every = _lookup(values, "train.eval_every")[1]
+    if every and eval_every and every % eval_every:
+        raise ConfigError(f"evals.decode_every: {every} must be a multiple of "
+                          f"train.eval_every ({eval_every}): outputs are decoded at evaluations")
     present, impl = _lookup(values, "model.attention_impl")
     if present and impl == "cudnn":
         import jax  # noqa: PLC0415 (only this check needs the backend)

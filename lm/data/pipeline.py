@@ -252,8 +252,13 @@ def make_train_iterator(
     process_index: int,
     process_count: int,
     worker_count: int = 0,
+    transforms: tuple[grain.transforms.Transformation, ...] = (),
 ) -> grain.DataLoaderIterator:
     """This process' training batches [batch_size // process_count, L], resumable exactly.
+
+    `transforms` run on each record before batching; a `grain.transforms.RandomMap` gets a
+    generator fixed by the seed and the record's position in the stream (new every epoch,
+    the same after a resume).
 
     Every process walks the same seeded global order and reads only its rows of each global
     batch (`GlobalBatchRows`), so the global batch, and hence training, does not depend on
@@ -277,7 +282,7 @@ def make_train_iterator(
         data_source=source,
         sampler=sampler,
         shard_options=grain.sharding.NoSharding(),  # the sampler yields only this process' rows
-        operations=[grain.transforms.Batch(rows, drop_remainder=True)],
+        operations=[*transforms, grain.transforms.Batch(rows, drop_remainder=True)],
         worker_count=worker_count,
         # A window costs ~10 us to cut: grain's default 16 reader threads with a 500-deep
         # prefetch cost more than they save (10 ms vs 2 ms per 32x512 batch on 2 vCPUs).
