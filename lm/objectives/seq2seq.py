@@ -189,6 +189,7 @@ def translate(model_cfg: ModelConfig, params: Any, tokenizer, texts: list[str], 
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         ids = np.zeros((batch_size, inputs_length), np.int32)
+        ids[:, 0] = eos  # rows past the texts: a lone </s>, never an all-padding source
         for r, text in enumerate(chunk):
             enc = s2s.encode(tokenizer, text, inputs_length)
             ids[r, :len(enc)] = enc
