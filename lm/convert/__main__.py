@@ -52,7 +52,7 @@ def from_hf_command(src: str, dst: str) -> str:
 
 
 def _token_table_rows(params: dict[str, Any]) -> int:
-    emb = params.get("encoder", params).get("embedder", {})
+    emb = params.get("embedder") or params.get("encoder", {}).get("embedder", {})
     if "token" not in emb:
         raise ValueError("the checkpoint has no embedder/token/embedding parameter")
     return int(emb["token"]["embedding"].shape[0])
