@@ -167,7 +167,7 @@ def test_cli_from_hf_writes_params_and_tokenizer(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ parity with transformers
-def hf_t5(transformers, torch, layout: str, encoder_only: bool = False):
+def hf_t5(transformers, torch, layout: str, encoder_only: bool = False, **kw):
     """A random tiny HF T5 in eval mode, every parameter moved off its init; v1.1 gets its
     own lm_head (transformers >= 5 builds it tied and unties on load when they differ),
     of std d_model**-0.5 so that logits stay O(10) and fp32 rounding stays below 1e-4."""
@@ -175,7 +175,7 @@ def hf_t5(transformers, torch, layout: str, encoder_only: bool = False):
         vocab_size=V, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
         num_decoder_layers=3, relative_attention_num_buckets=8,
         relative_attention_max_distance=20, dropout_rate=0.1,
-        decoder_start_token_id=0, **HF_LAYOUTS[layout])
+        decoder_start_token_id=0, **{**HF_LAYOUTS[layout], **kw})
     cls = transformers.T5EncoderModel if encoder_only else transformers.T5ForConditionalGeneration
     model = cls(hf_cfg)
     torch.manual_seed(0)
@@ -221,22 +221,27 @@ def test_t5_parity_with_transformers(tmp_path, layout):
     assert max(diffs.values()) < 1e-4, diffs
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_t5_encoder_model_parity_with_transformers(tmp_path, layout):
+@pytest.mark.parametrize("ff,activation", [("relu", "relu"), ("gated-gelu", "geglu_tanh"),
+                                           ("gelu", "gelu"), ("gelu_new", "gelu_tanh"),
+                                           ("gated-silu", "swiglu")])
+def test_t5_encoder_model_parity_with_transformers(tmp_path, ff, activation):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    hf = hf_t5(transformers, torch, layout, encoder_only=True)
+    hf = hf_t5(transformers, torch, "v1.0", encoder_only=True, feed_forward_proj=ff)
     hf.save_pretrained(tmp_path)
     cfg, params, info = convert.from_hf(str(tmp_path))
     assert (info.model_class, info.hf_class) == ("Encoder", "T5EncoderModel")
+    assert cfg.activation == activation
     src, src_mask, _, _ = batch(1)
     with torch.no_grad():
         want = hf(input_ids=torch.tensor(src, dtype=torch.long),
                   attention_mask=torch.tensor(src_mask)).last_hidden_state.numpy()
     got = info.build_model(cfg).apply({"params": params}, src, src_mask)
     diff = max_diff(got, want, src_mask.astype(bool))
-    print(f"t5 encoder {layout} parity max abs diff:", diff)
+    print(f"t5 encoder ({ff}) parity max abs diff:", diff)
     assert diff < 1e-4
+    convert.to_hf(cfg, params, str(tmp_path / "back"))  # and the activation exports back
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["feed_forward_proj"] == ff
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -320,3 +325,42 @@ def test_t5_extra_ids_default_and_plain_sentencepiece_unchanged(tmp_path):
     assert pieces.special_id("<extra_id_0>") is None
     pieces.save(str(tmp_path / "plain"))  # manifests without extra ids keep their old form
     assert "extra_ids" not in json.loads((tmp_path / "plain" / "tokenizer.json").read_text())
+
+
+def test_cli_to_hf_exports_a_t5_run_with_its_tokenizer(tmp_path, capsys):
+    """HF T5 dir -> from-hf (params + tokenizer) -> a run of ours (orbax state) -> to-hf:
+    the same parameters, and spiece.model + tokenizer_config.json that transformers reads
+    into the same ids, sentinels included."""
+    import dataclasses
+
+    import optax
+
+    from lm import checkpoint, reporting, train
+
+    cfg = tiny_t5("v1.0")
+    params = random_params(EncoderDecoder(cfg))
+    convert.to_hf(cfg, params, str(tmp_path / "hf"))
+    train_spm(tmp_path / "hf")
+    assert cli.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "dst")]) == 0
+    run = tmp_path / "run"
+    state = train.TrainState(step=np.int32(1), params=params,
+                             opt_state=optax.sgd(1e-3).init(params),
+                             rng=jax.random.key_data(jax.random.key(0)))
+    with checkpoint.Checkpointer(run, max_to_keep=1, save_every=1, async_save=False) as ckpt:
+        ckpt.save(1, state, None, force=True)
+    reporting.write_config(run, {"model": {**dataclasses.asdict(cfg), "preset": "t5_small"}})
+    load_tokenizer(str(tmp_path / "dst" / "tokenizer")).save(str(run / "tokenizer"))
+    capsys.readouterr()
+    assert cli.main(["to-hf", f"--workdir={run}", f"--out={tmp_path / 'out'}"]) == 0
+    out = capsys.readouterr().out
+    assert "as T5ForConditionalGeneration + spiece.model (100 extra ids)" in out, out
+    got_cfg, back, _ = convert.from_hf(str(tmp_path / "out"))
+    assert got_cfg == cfg
+    assert_trees_equal(params, back)
+    ours = convert.load_hf_tokenizer(str(tmp_path / "out"))
+    assert ours.extra_ids == 100
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.T5Tokenizer.from_pretrained(str(tmp_path / "out"))
+    for text in TEXTS:
+        assert ours.encode(text) + [ours.special_id("</s>")] == theirs(text)["input_ids"], text
+    assert theirs.convert_tokens_to_ids("<extra_id_0>") == ours.vocab_size - 1
