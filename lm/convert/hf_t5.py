@@ -77,7 +77,7 @@ def config_from_hf(hf: Mapping[str, Any], tie: bool) -> ModelConfig:
         activation=_FF_FROM_HF[ff], pre_norm=True, embed_norm=False, use_bias=False,
         tie_embeddings=tie, scale_tied_logits=scale, scale_attention=False,
         dropout_rate=dropout, attention_dropout_rate=dropout,
-        init_std=_INIT_STD_PER_FACTOR * hf.get("initializer_factor", 1.0))
+        init_std=round(_INIT_STD_PER_FACTOR * hf.get("initializer_factor", 1.0), 12))
 
 
 # ---- one attention / MLP / stack
@@ -188,7 +188,7 @@ def config_to_hf(cfg: ModelConfig, kind: str) -> dict[str, Any]:
         "num_heads": cfg.num_heads, "relative_attention_num_buckets": cfg.relative_buckets,
         "relative_attention_max_distance": cfg.relative_max_distance,
         "dropout_rate": cfg.dropout_rate, "layer_norm_epsilon": cfg.norm_eps,
-        "initializer_factor": cfg.init_std / _INIT_STD_PER_FACTOR,
+        "initializer_factor": round(cfg.init_std / _INIT_STD_PER_FACTOR, 12),
         "feed_forward_proj": _FF_TO_HF[cfg.activation], "n_positions": cfg.max_len,
         "tie_word_embeddings": cfg.tie_embeddings,
         "scale_decoder_outputs": cfg.tie_embeddings and cfg.scale_tied_logits,
