@@ -149,6 +149,9 @@ class ByteTokenizer:
 class SentencePieceTokenizer:
     """SentencePiece model with lossless settings and our special-token layout.
 
+    `extra_ids` (T5) appends that many sentinel ids after the model's pieces, `<extra_id_0>`
+    being the last id; like every special id they come from `special_id`, never from text.
+
     Trained models use identity normalisation, keep whitespace as is, fall back to bytes for
     unseen characters and add no dummy prefix, so `decode(encode(a) + encode(b)) == a + b`
     (documents can be tokenized separately and concatenated). [CLS]/[SEP]/[MASK] are control
@@ -158,7 +161,7 @@ class SentencePieceTokenizer:
     kind = "sentencepiece"
     MODEL_FILE = "spm.model"
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, extra_ids: int = 0):
         import sentencepiece as spm
 
         self._proto = model_proto
@@ -168,15 +171,21 @@ class SentencePieceTokenizer:
                 f"SentencePiece model has pad_id={self._sp.pad_id()}; lm needs id 0 reserved "
                 "for padding (train with pad_id=0)"
             )
+        if extra_ids < 0:
+            raise ValueError(f"SentencePiece: extra_ids must be >= 0, got {extra_ids}")
+        pieces = self._sp.get_piece_size()
         self.pad_id = PAD_ID
-        self.vocab_size = self._sp.get_piece_size()
+        self.extra_ids = extra_ids
+        self.vocab_size = pieces + extra_ids
         self._specials = {
             t: i
             for t in SPECIAL_TOKENS
-            if (i := self._sp.piece_to_id(t)) < self.vocab_size and self._sp.id_to_piece(i) == t
+            if (i := self._sp.piece_to_id(t)) < pieces and self._sp.id_to_piece(i) == t
         }
+        # T5 sentinels after the pieces, counting down: <extra_id_0> is the last id.
+        self._specials |= {f"<extra_id_{j}>": self.vocab_size - 1 - j for j in range(extra_ids)}
         self._special_ids = frozenset(self._specials.values()) | {
-            i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)
+            i for i in range(pieces) if self._sp.is_control(i) or self._sp.is_unknown(i)
         }
 
     @classmethod
@@ -229,14 +238,15 @@ class SentencePieceTokenizer:
         return cls(model.SerializeToString(deterministic=True))
 
     @classmethod
-    def from_model_file(cls, model_path: str) -> SentencePieceTokenizer:
+    def from_model_file(cls, model_path: str, extra_ids: int = 0) -> SentencePieceTokenizer:
         with open(model_path, "rb") as f:
-            return cls(f.read())
+            return cls(f.read(), extra_ids)
 
     @classmethod
     def load(cls, directory: str) -> SentencePieceTokenizer:
         manifest = _read_manifest(directory)
-        return cls.from_model_file(os.path.join(directory, manifest["model"]))
+        return cls.from_model_file(os.path.join(directory, manifest["model"]),
+                                   manifest.get("extra_ids", 0))
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -250,15 +260,15 @@ class SentencePieceTokenizer:
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         _write_atomic(os.path.join(directory, self.MODEL_FILE), self._proto)
-        _write_manifest(
-            directory,
-            {
-                "kind": self.kind,
-                "model": self.MODEL_FILE,
-                "vocab_size": self.vocab_size,
-                "sha256": hashlib.sha256(self._proto).hexdigest(),
-            },
-        )
+        manifest = {
+            "kind": self.kind,
+            "model": self.MODEL_FILE,
+            "vocab_size": self.vocab_size,
+            "sha256": hashlib.sha256(self._proto).hexdigest(),
+        }
+        if self.extra_ids:  # only then: manifests (and data-cache keys) of others unchanged
+            manifest["extra_ids"] = self.extra_ids
+        _write_manifest(directory, manifest)
 
 
 def _check_kind(kind: str) -> None:
