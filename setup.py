@@ -19,6 +19,8 @@ CORE = [
     "safetensors>=0.4",
     "tokenizers>=0.19",  # WordPiece vocabulary training (BERT pretraining)
     "matplotlib>=3.8",  # study reports and run plots (Agg backend, no display)
+    "sacrebleu>=2.4",  # BLEU / chrF of decoded outputs in the seq2seq eval loop
+    "rouge-score>=0.1.2",  # ROUGE-1/2/L (summarization)
 ]
 
 setup(

@@ -52,6 +52,7 @@ def get_config(arg: str | None = None):
     c.data.val_size = 1000  # used only without val_path
     c.data.split_seed = 0
     c.data.tokenizer_from_init = args["variant"] == "t5"
+    c.data.extra_ids = 100 if args["variant"] == "t5" else 0  # the pretrained run's sentinels
     steps, batch = v["steps"], v["batch"]
     c.evals.decode_examples = 0  # 0 = the whole validation set
     c.evals.beam_size = 4

@@ -39,7 +39,8 @@ def load_run(workdir: str, step: int | None):
     with open(task_path) as f:
         task = json.load(f)
     tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
-    model_cfg = to_model_config(config.model, vocab_size=tokenizer.vocab_size)
+    vocab = tokenizer.vocab_size + int(config.data.get("extra_ids", 0))
+    model_cfg = to_model_config(config.model, vocab_size=vocab)
     params, _ = read_run_params(workdir, step)
     return model_cfg, params, tokenizer, task
 

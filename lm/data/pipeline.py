@@ -18,6 +18,7 @@ Batches are dicts of numpy arrays [rows, L] with rows = batch_size // process_co
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import tempfile
@@ -376,13 +377,26 @@ def _open_splits(data_cfg: Any, data_dir: str) -> dict[str, sources_lib.TextSpli
     )
 
 
-def _write_corpus(split: sources_lib.TextSplit, directory: str) -> str:
-    """The train split as a text file (capped) for tokenizer training; caller deletes it."""
+def _extra_texts(paths: str) -> Iterator[str]:
+    """Lines of the comma-separated `data.tokenizer_extra_corpus` files (.gz read too)."""
+    import gzip  # noqa: PLC0415
+
+    for path in filter(None, (p.strip() for p in paths.split(","))):
+        sources_lib.check_file(path, "data.tokenizer_extra_corpus")
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            yield from f
+
+
+def _write_corpus(split: sources_lib.TextSplit, directory: str, extra: str = "") -> str:
+    """The train split (+ `extra` files: text the vocabulary must also cover, such as a later
+    fine-tuning language) as a text file (capped) for tokenizer training; caller deletes it."""
     os.makedirs(directory, exist_ok=True)
     fd, path = tempfile.mkstemp(dir=directory, prefix=".corpus-", suffix=".txt")
     written = 0
+    texts = itertools.chain(split.texts(), _extra_texts(extra))
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        for text in split.texts():
+        for text in texts:
             if not split.joined and not text.endswith("\n"):
                 text += "\n"  # one document never shares a line with the next
             f.write(text[: TOKENIZER_CORPUS_MAX_CHARS - written])
@@ -401,7 +415,8 @@ def _get_tokenizer(data_cfg: Any, train: sources_lib.TextSplit, workdir: str) ->
         and not model_path
         and kind in ("char", "sentencepiece", "wordpiece")
     )
-    corpus = _write_corpus(train, os.path.join(workdir, "data")) if needs_corpus else None
+    extra = data_cfg.get("tokenizer_extra_corpus", "")
+    corpus = _write_corpus(train, os.path.join(workdir, "data"), extra) if needs_corpus else None
     try:
         return tok_lib.build_tokenizer(
             kind,

@@ -120,7 +120,10 @@ class Seq2Seq(Objective):
                 json.dump(info, f, indent=1)
 
     def model_overrides(self, data: Data) -> dict[str, Any]:
-        return {"vocab_size": data.tokenizer.vocab_size}
+        # `data.extra_ids`: sentinel ids above the tokenizer's, kept when fine-tuning a
+        # span-corruption run so that its embedding table loads unchanged.
+        return {"vocab_size": data.tokenizer.vocab_size + int(self.config.data.get(
+            "extra_ids", 0))}
 
     # ----------------------------------------------------------------- model
     def build_model(self, model_cfg: ModelConfig) -> EncoderDecoder:
