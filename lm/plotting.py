@@ -164,3 +164,25 @@ def plot_attention_grid(path: str, probs_NHLS: np.ndarray, tokens: Sequence[str]
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_confusion(path: str, counts: np.ndarray, labels: Sequence[str], *,
+                   title: str = "") -> str:
+    """A confusion matrix (rows: gold, columns: predicted) with its counts written in."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(counts, cmap="Blues")
+    ticks = np.arange(len(labels))
+    ax.set_xticks(ticks, labels, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels)
+    ax.set(xlabel="predicted", ylabel="gold", title=title)
+    top = counts.max() if counts.size else 0
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center",
+                    color="white" if counts[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+

@@ -142,3 +142,22 @@ def test_generation_page_in_a_browser(lm_run, tmp_path):
         server.terminate()
         server.wait(timeout=30)
     assert got == want
+
+
+def test_confusion_matrix_and_validation_predictions(classification_run):  # noqa: F811
+    from lm import metrics
+    from lm.predict import validation_predictions
+
+    counts = metrics.confusion_matrix(["a", "b", "b", "a", "b"], ["a", "b", "a", "a", "b"],
+                                      ["a", "b"])
+    assert counts.tolist() == [[2, 0], [1, 2]]
+    gold, predicted, labels = validation_predictions(str(classification_run))
+    assert labels == ["neg", "pos"] and len(gold) == len(predicted) == 8  # data.val_size
+    assert set(gold) <= set(labels) and set(predicted) <= set(labels)
+    counts = metrics.confusion_matrix(gold, predicted, labels)
+    assert counts.sum() == 8
+    # the run's own eval accuracy is the confusion matrix's diagonal
+    from tests.test_finetune import read_metrics as finetune_metrics
+
+    accuracy = finetune_metrics(classification_run)["eval/accuracy"]
+    assert counts.trace() / counts.sum() == pytest.approx(accuracy, abs=1e-6)

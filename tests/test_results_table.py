@@ -13,7 +13,8 @@ from lm.experiment import report
 def test_results_table_round_trip(tmp_path):
     rep = SimpleNamespace(metric="eval/loss", mode="last", goal="min")
     rows = [report.Row("main", (("position", "rope"), ("width", "64")), [1.5, 1.7], []),
-            report.Row("main", (("position", "learned"), ("width", "64")), [1.9], ["seed=1 failed"]),
+            report.Row("main", (("position", "learned"), ("width", "64")), [1.9],
+                       ["seed=1 failed"]),
             report.Row("main", (("position", "none"), ("width", "64")), [], ["seed=0 running"])]
     rows[0].best = True
     results = SimpleNamespace(study=SimpleNamespace(report=rep), rows=rows)
