@@ -114,7 +114,7 @@ RULES: dict[str, Check] = {
     "data.seq_len": at_least(2),
     "data.val_fraction": interval(0.0, 1.0),
     "data.vocab_size": non_negative,
-    "data.tokenizer": one_of("char", "byte", "sentencepiece", "wordpiece"),
+    "data.tokenizer": one_of("char", "byte", "bpe", "sentencepiece", "wordpiece"),
     "data.pack": one_of("chunk", "documents"),
     "data.train_stride": non_negative,
     "data.worker_count": non_negative,

@@ -355,6 +355,11 @@ class LMData:
 
 def _open_splits(data_cfg: Any, data_dir: str) -> dict[str, sources_lib.TextSplit]:
     path, tfds_name = data_cfg.get("path", ""), data_cfg.get("tfds_name", "")
+    if not path and data_cfg.get("python_stdlib", False):
+        return sources_lib.load_python_stdlib(
+            include_tests=data_cfg.get("stdlib_tests", False),
+            val_fraction=data_cfg.get("val_fraction", 0.05),
+        )
     if not path and data_cfg.get("url", ""):
         path = sources_lib.fetch_url(data_cfg.url, data_cfg.get("sha256", ""))
     if path:
@@ -413,7 +418,7 @@ def _get_tokenizer(data_cfg: Any, train: sources_lib.TextSplit, workdir: str) ->
     needs_corpus = (
         not os.path.exists(os.path.join(directory, tok_lib.MANIFEST))
         and not model_path
-        and kind in ("char", "sentencepiece", "wordpiece")
+        and kind in ("char", "bpe", "sentencepiece", "wordpiece")
     )
     extra = data_cfg.get("tokenizer_extra_corpus", "")
     corpus = _write_corpus(train, os.path.join(workdir, "data"), extra) if needs_corpus else None
