@@ -13,6 +13,7 @@ OBJECTIVES = {
     "bert": "lm.objectives.bert:BertPretraining",
     "classification": "lm.objectives.classification:Classification",
     "tagging": "lm.objectives.tagging:Tagging",
+    "mixture": "lm.objectives.mixture:Mixture",
 }
 
 
