@@ -9,7 +9,8 @@ Variants:
            classifier reads the last real token; GPT's auxiliary-LM fine-tuning), both with
            MiniLM's vocabulary.
 Options: `mixing=explicit|examples|temperature` (data.mixing), `batching=task|rows`
-(data.batching), `runlocal` (a smoke run of a few small steps). The tasks' data settings
+(data.batching), `only=NAME` (keep one task: the single-task run, as a one-task
+mixture, for comparisons), `runlocal` (a smoke run of a few small steps). The tasks' data settings
 (paths, validation splits, labels, seq_len) are those of configs/finetune_sst2.py and
 configs/finetune_conll03.py. Rates: equal explicit rates; `examples` caps at K = 2^14
 examples; `temperature` uses T = 2 over the capped counts.
@@ -55,7 +56,7 @@ def _task(objective: str, data: ConfigDict, rate: float = 1.0, weight: float = 1
 
 def get_config(arg: str | None = None):
     args = parse_arg(arg, {"variant": "minilm", "runlocal": False, "mixing": "explicit",
-                           "batching": "task"})
+                           "batching": "task", "only": ""})
     variant = args["variant"]
     if variant not in VARIANTS:
         raise ValueError(f"variant: {variant!r} is not one of {sorted(VARIANTS)}")
@@ -89,6 +90,11 @@ def get_config(arg: str | None = None):
         c.model = model_config("bert_mini", **{"vocab_size": 0, **shape})
         if variant == "minilm":
             c.init_from = minilm
+
+    if args["only"]:
+        if args["only"] not in c.tasks:
+            raise ValueError(f"only: {args['only']!r} is not one of {sorted(c.tasks)}")
+        c.tasks = ConfigDict({args["only"]: c.tasks[args["only"]]})
 
     steps, batch = v["steps"], 32
     if args["runlocal"]:

@@ -294,6 +294,35 @@ def test_per_task_eval_equals_each_single_task_objective(tmp_path, files):
     assert got["eval/loss"] == pytest.approx(weighted, rel=1e-12)
 
 
+# ------------------------------------------------------------- one decoder, two tasks
+def test_causal_lm_and_classification_share_one_decoder(tmp_path, files):
+    from lm.objectives import get
+
+    c = load_config("decoder,runlocal")
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(open(files["tsv"]).read().splitlines()[1:]).replace("\t", " "))
+    apply(c, {**{f"model.{k}": v for k, v in TINY_MODEL.items()}, "model.max_len": 16,
+              **{k: v for k, v in overrides(files).items() if k.startswith(
+                  ("tasks.sst2", "mesh", "train", "optim", "evals"))},
+              "tasks.lm.data.path": str(text), "tasks.lm.data.val_path": str(text),
+              "tasks.lm.data.tokenizer_path": files["vocab"], "tasks.lm.data.seq_len": 16})
+    last = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert last["eval/lm/ppl"] == pytest.approx(np.exp(last["eval/lm/loss"]), rel=1e-6)
+    assert 0.0 <= last["eval/sst2/accuracy"] <= 1.0
+    assert last["eval/loss"] == pytest.approx(last["eval/lm/loss"] + last["eval/sst2/loss"])
+    # the shared decoder has a causal LM's own parameter paths; the classifier is a head
+    mixed = init_from.files.flatten(jax.eval_shape(lambda: train.build(
+        c, str(tmp_path / "run")).init_state()).params)
+    lm_only = get(single_config(c, "lm"))
+    cfg = train.to_model_config(c.model, vocab_size=len(VOCAB))
+    shapes = jax.eval_shape(lambda: lm_only.init(lm_only.build_model(cfg), jax.random.key(0),
+                                                 lm_only.dummy_batch(1)))["params"]
+    single = init_from.files.flatten(jax.tree.map(lambda x: x, shapes))
+    assert sorted(k for k in mixed if not k.startswith("heads/")) == sorted(single)
+    assert sorted(k for k in mixed if k.startswith("heads/")) == [
+        "heads/sst2/classifier/dense/bias", "heads/sst2/classifier/dense/kernel"]
+
+
 # ------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("edit,message", [
     ({"tasks.conll.data.val_path": "", "tasks.conll.data.val_size": 0,

@@ -87,6 +87,6 @@ class Objective(abc.ABC):
                for name, (total, count) in sums.items()}
         if prefix.split("/")[0] == "eval":  # also a mixture's "eval/<task>"
             for name, ppl in self.perplexities.items():
-                if f"eval/{name}" in out:
-                    out[f"eval/{ppl}"] = float(np.exp(min(out[f"eval/{name}"], 50.0)))
+                if f"{prefix}/{name}" in out:
+                    out[f"{prefix}/{ppl}"] = float(np.exp(min(out[f"{prefix}/{name}"], 50.0)))
         return out

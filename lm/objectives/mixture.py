@@ -198,7 +198,9 @@ class Mixture(Objective):
             key = rng if i == 0 else jax.random.fold_in(rng, i)
             params = task.init(model.models[name], key, task.dummy_batch(1))["params"]
             own = {k: v for k, v in params.items() if is_backbone(k)}
-            heads[name] = {k: v for k, v in params.items() if not is_backbone(k)}
+            head = {k: v for k, v in params.items() if not is_backbone(k)}
+            if head:  # a causal LM with tied embeddings has none
+                heads[name] = head
             if backbone is None:
                 backbone = own
             elif _signature(own) != _signature(backbone):
@@ -206,11 +208,12 @@ class Mixture(Objective):
                     f"tasks.{name}: its model's backbone differs from task {self.names[0]}'s "
                     f"({sorted(own)} vs {sorted(backbone)}): tasks must share one stack "
                     "(e.g. data.backbone='decoder' for classification beside a causal LM)")
-        return {"params": {**backbone, HEADS: heads}}
+        return {"params": {**backbone, HEADS: heads} if heads else backbone}
 
     def task_params(self, params: Any, name: str) -> dict[str, Any]:
         """Task `name`'s parameters in its single-task layout (backbone + its head)."""
-        return {**{k: v for k, v in params.items() if k != HEADS}, **params[HEADS][name]}
+        return {**{k: v for k, v in params.items() if k != HEADS},
+                **params.get(HEADS, {}).get(name, {})}
 
     def task_view(self, model: MixtureModel, params: Any, name: str | None
                   ) -> tuple[Objective, Any, dict[str, Any]]:
