@@ -185,6 +185,22 @@ def test_task_draw_resumes_from_its_state():
     assert [list(next(other)) for _ in range(50)] != [list(b) for b in seen]
 
 
+@pytest.mark.parametrize("mixing", ["examples", "temperature"])
+def test_rows_batches_follow_the_counted_examples(tmp_path, files, mixing):
+    c = mixture_config(files, **{"data.mixing": mixing, "data.batching": "rows",
+                                 "data.rate_cap": 0, "train.batch_size": 12})
+    setup = train.build(c, str(tmp_path / "run"))
+    # 48 labelled sentences less 8 for validation; 18 CoNLL sentences (train = validation)
+    counts = {"conll": 18, "sst2": 40}
+    want = mix.mixing_rates(mixing, ["conll", "sst2"], examples=counts, temperature=2.0)
+    assert setup.objective.rates == want
+    rows = mix.allocate_rows(want, 12)
+    batch = next(setup.data.train_iter)
+    for task in ("conll", "sst2"):
+        assert batch[f"{task}/inputs"].shape == (rows[task], 16)
+    assert sum(rows.values()) == 12 and rows["sst2"] > rows["conll"] > 0
+
+
 # ------------------------------------------------------------- resume in a new process
 def run_main(workdir, files, steps: int, *extra: str) -> None:
     values = {**overrides(files, steps), "train.checkpoint_every": 3, "optim.decay_steps": 6,
