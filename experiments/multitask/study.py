@@ -61,8 +61,8 @@ def _cell(values: dict, key: str) -> str:
 
 def table(results, out_dir: str) -> str:
     """SST-2 accuracy and CoNLL-2003 entity F1 of every run, side by side."""
-    lines = ["| arm | steps | SST-2 batches | CoNLL batches | SST-2 accuracy | CoNLL entity F1 "
-             "(P / R) |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | steps | SST-2 examples / 16 | CoNLL examples / 16 | SST-2 accuracy "
+             "| CoNLL entity F1 (P / R) |", "|---|---|---|---|---|---|"]
     for r in results.runs:
         records = read_metrics(r.workdir)
         last = {}
