@@ -131,6 +131,12 @@ RULES: dict[str, Check] = {
     "data.noise_density": interval(0.0, 1.0),
     "data.mean_span_length": at_least(1),
     "data.extra_ids": non_negative,
+    "data.backbone": one_of("encoder", "decoder"),
+    # task mixtures (lm.objectives.mixture; per-task fields are checked by check_tasks)
+    "data.mixing": one_of("explicit", "examples", "temperature"),
+    "data.batching": one_of("task", "rows"),
+    "data.rate_cap": non_negative,
+    "data.temperature": positive,
     # optimizer
     "optim.name": one_of("adamw"),
     "optim.lr": positive,
@@ -179,20 +185,65 @@ def _lookup(config: Mapping[str, Any], path: str) -> tuple[bool, Any]:
     return True, node
 
 
-def validate(config: Any) -> None:
-    """Raises ConfigError naming the first field whose value is out of range or not allowed."""
-    values = config.to_dict() if hasattr(config, "to_dict") else config
+def _check_rules(values: Mapping[str, Any], prefix: str = "") -> None:
     for path, check in RULES.items():
         present, value = _lookup(values, path)
         if present:
             problem = check(value)
             if problem:
-                raise ConfigError(f"{path}: {problem}")
+                raise ConfigError(f"{prefix}{path}: {problem}")
+
+
+def _has_validation(data: Mapping[str, Any]) -> bool:
+    """A validation file, a catalogue split, or a split carved from the training data
+    (val_size, else val_fraction, whose default in every objective is > 0)."""
+    return bool(data.get("val_path") or data.get("tfds_name") or data.get("val_size")
+                or data.get("val_fraction", 0.1))
+
+
+def check_tasks(config: Any) -> None:
+    """A mixture's tasks (lm.objectives.mixture): each names a known objective, passes the
+    field rules under `tasks.<name>.`, has validation data and a rate and weight >= 0; the
+    explicit rates are not all 0. Raises ConfigError naming the task."""
+    from lm.objectives import OBJECTIVES  # noqa: PLC0415 (avoids an import cycle)
+
+    values = config.to_dict() if hasattr(config, "to_dict") else config
+    tasks = values.get("tasks") or {}
+    if not tasks:
+        raise ConfigError("tasks: a mixture needs at least one task in config.tasks")
+    known = sorted(set(OBJECTIVES) - {"mixture"})
+    for name, task in tasks.items():
+        kind = task.get("objective", "")
+        if kind not in known:
+            raise ConfigError(f"tasks.{name}.objective: unknown task objective {kind!r}; "
+                              f"known: {', '.join(known)}")
+        _check_rules({"data": task.get("data") or {}}, f"tasks.{name}.")
+        if not _has_validation(task.get("data") or {}):
+            raise ConfigError(f"tasks.{name}.data: task {name!r} has no validation data (set "
+                              "val_path, val_size or val_fraction > 0): evaluation runs "
+                              "every task's validation set")
+        for field in ("rate", "weight", "examples"):
+            if field in task:
+                problem = non_negative(task[field])
+                if problem:
+                    raise ConfigError(f"tasks.{name}.{field}: {problem}")
+    mixing = (values.get("data") or {}).get("mixing", "explicit")
+    if mixing == "explicit" and all(t.get("rate", 1.0) == 0 for t in tasks.values()):
+        raise ConfigError(f"tasks: every task's rate is 0 ({', '.join(tasks)}); nothing to "
+                          "sample")
+
+
+def validate(config: Any) -> None:
+    """Raises ConfigError naming the first field whose value is out of range or not allowed."""
+    values = config.to_dict() if hasattr(config, "to_dict") else config
+    _check_rules(values)
     every = _lookup(values, "evals.decode_every")[1]
     eval_every = _lookup(values, "train.eval_every")[1]
     if every and eval_every and every % eval_every:
         raise ConfigError(f"evals.decode_every: {every} must be a multiple of "
                           f"train.eval_every ({eval_every}): outputs are decoded at evaluations")
+    if values.get("objective") == "mixture":
+        check_tasks(values)
     present, impl = _lookup(values, "model.attention_impl")
     if present and impl == "cudnn":
         import jax  # noqa: PLC0415 (only this check needs the backend)

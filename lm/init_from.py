@@ -9,8 +9,10 @@
 Parameters are matched by path and shape. A path is looked up as is, then without or with an
 `encoder/` prefix, so a BertPretrainer's (or a plain Encoder's) encoder fills the `encoder/`
 subtree of a SequenceClassifier / TokenClassifier, and the pooler comes along when both have
-one. Layer layouts may differ (loop `layer_i` vs scan `layers`). Target parameters without a
-source keep their fresh init; source parameters nobody asked for are reported as unused. A
+one. A task mixture's head `heads/<task>/X` (lm.objectives.mixture) is served by a
+single-task model's `X` when the shapes agree (else it keeps its init). Layer layouts may
+differ (loop `layer_i` vs scan `layers`). Target parameters without a source keep their
+fresh init; source parameters nobody asked for are reported as unused. A
 shape mismatch is an error naming the parameter and both shapes.
 """
 
@@ -33,6 +35,7 @@ from lm.models.transformer import unstack_layers
 from lm.rundir import run_steps
 
 _ENCODER = "encoder/"
+_HEADS = "heads"  # a task mixture's per-task heads
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
@@ -171,6 +174,10 @@ def merge(source: Mapping[str, np.ndarray], target: Mapping[str, Any], spec: str
             value = np.stack([source[f] for f in hits])
         else:
             hit = _lookup(name, source)
+            if hit is None and parts[0] == _HEADS and len(parts) > 2:
+                hit = _lookup("/".join(parts[2:]), source)  # a single-task head
+                if hit is not None and tuple(source[hit].shape) != want:
+                    hit = None  # another task's head (e.g. another label count)
             if hit is None:
                 out[name] = leaf
                 new.append(name)

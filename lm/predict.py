@@ -4,7 +4,8 @@
 Loads DIR's config.json, tokenizer, labels.json and checkpoint (the latest, or --step) and
 prints one line per text: `LABEL<TAB>SCORE<TAB>TEXT` for classification (SCORE is the
 softmax probability of LABEL; a tab inside a text separates a sentence pair), `word/TAG ...`
-for tagging. --file reads one text per line. Errors are one line on stderr, exit code 1.
+for tagging. --file reads one text per line. A task mixture's run (objective 'mixture')
+predicts with one of its tasks: `--task NAME`. Errors are one line on stderr, exit code 1.
 
 The training data is not needed: unlike `lm.train.build`, which reads and tokenizes the
 training set, this builds only the model, and reads only the params of the checkpoint.
@@ -24,8 +25,10 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, Any]:
-    """(objective ready to predict, model, params) of a trained run."""
+def load_run(workdir: str, step: int | None = None, task: str | None = None
+             ) -> tuple[Any, Any, Any]:
+    """(objective ready to predict, model, params) of a trained run (of a mixture: of its
+    task `task`)."""
     from ml_collections import ConfigDict
 
     from lm import objectives
@@ -38,7 +41,13 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, Any]:
     with open(path) as f:
         config = ConfigDict(json.load(f))
     objective = objectives.get(config)
-    if not hasattr(objective, "predict"):
+    mixture = hasattr(objective, "task_view")
+    if mixture:
+        objective.check_task(task)  # before anything is read; the error lists the tasks
+    if task and not mixture:
+        raise ValueError(f"--task: only a mixture run has tasks; this run's objective is "
+                         f"{config.objective!r}")
+    if not mixture and not hasattr(objective, "predict"):
         raise ValueError(f"objective: {config.objective!r} has no prediction")
     objective.load_inference(workdir)
     model = objective.build_model(
@@ -46,6 +55,8 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, Any]:
     # Read-only (params only, as numpy): safe on a run that is still training, whose
     # in-flight saves an orbax manager would clean up.
     params, _ = read_run_params(workdir, step)
+    if mixture:
+        return objective.task_view(model, params, task)
     return objective, model, params
 
 
@@ -93,12 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text", action="append", default=[], help="a text (repeatable)")
     parser.add_argument("--file", action="append", default=[], help="one text per line")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
+    parser.add_argument("--task", default=None, help="a mixture run's task to predict with")
     args = parser.parse_args(argv)
     try:
         if not os.path.isdir(args.workdir):
             raise FileNotFoundError(f"--workdir: no such directory: {args.workdir}")
         texts = read_texts(args.text, args.file)
-        objective, model, params = load_run(os.path.abspath(args.workdir), args.step)
+        objective, model, params = load_run(os.path.abspath(args.workdir), args.step,
+                                            args.task)
         lines = objective.predict(model, params, texts)
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e).strip("'\""))

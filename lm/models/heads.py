@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from lm.models.config import ModelConfig
 from lm.models.layers import Dense, Norm, activation, tied_logits
-from lm.models.transformer import Encoder
+from lm.models.transformer import Decoder, Encoder
 
 
 def gather_positions(x_BLD: jnp.ndarray, positions_BP: jnp.ndarray) -> jnp.ndarray:
@@ -128,3 +128,23 @@ class SpanExtractor(nn.Module):
         if segment_ids is not None:
             logits_BL2 = jnp.where((segment_ids != 0)[..., None], logits_BL2, -1e9)
         return logits_BL2[..., 0], logits_BL2[..., 1]
+
+
+class DecoderClassifier(Decoder):
+    """Causal stack + classifier on each row's last real token (GPT-style sequence
+    classification). The stack's parameters sit at the root, named as `Decoder`'s
+    (`embedder`, `layers`, `final_norm`), so they load from and into a causal LM; the head
+    is `classifier`. Token types are not embedded (a decoder has no segment table)."""
+
+    num_classes: int = 2
+
+    @nn.compact
+    def __call__(self, ids_BL, segment_ids=None, token_types=None, positions=None,
+                 deterministic: bool = True) -> jnp.ndarray:
+        h_BLD = super().__call__(ids_BL, segment_ids, positions, deterministic=deterministic,
+                                 return_hidden=True)
+        real_BL = (segment_ids if segment_ids is not None else jnp.ones_like(ids_BL)) != 0
+        last_B = jnp.maximum(real_BL.sum(-1) - 1, 0)
+        pooled_BD = jnp.take_along_axis(h_BLD, last_B[:, None, None], axis=1)[:, 0]
+        return Classifier(self.cfg, self.num_classes, name="classifier")(pooled_BD,
+                                                                         deterministic)

@@ -16,6 +16,7 @@ OBJECTIVES = {
     "seq2seq": "lm.objectives.seq2seq:Seq2Seq",
     "span_corruption": "lm.objectives.span_corruption:SpanCorruption",
     "prefix_lm": "lm.objectives.span_corruption:PrefixLM",
+    "mixture": "lm.objectives.mixture:Mixture",
 }
 
 

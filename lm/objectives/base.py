@@ -35,6 +35,7 @@ class Data:
     tokenizer: Any
     train_iter: Iterator[Batch]  # grain iterator: get_state()/set_state() resume exactly
     eval_batches: Callable[[], Iterable[Batch]]  # a fresh, deterministic pass each call
+    train_examples: int | None = None  # training examples (rows) per epoch, where known
 
 
 class Objective(abc.ABC):
@@ -89,8 +90,8 @@ class Objective(abc.ABC):
         metrics listed in `perplexities`."""
         out = {f"{prefix}/{name}": float(total) / max(float(count), 1e-9)
                for name, (total, count) in sums.items()}
-        if prefix == "eval":
+        if prefix.split("/")[0] == "eval":  # also a mixture's "eval/<task>"
             for name, ppl in self.perplexities.items():
-                if f"eval/{name}" in out:
-                    out[f"eval/{ppl}"] = float(np.exp(min(out[f"eval/{name}"], 50.0)))
+                if f"{prefix}/{name}" in out:
+                    out[f"{prefix}/{ppl}"] = float(np.exp(min(out[f"{prefix}/{name}"], 50.0)))
         return out

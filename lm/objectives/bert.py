@@ -91,7 +91,7 @@ class BertPretraining(Objective):
         data = build_bert_data(self.opts, workdir=workdir, batch_size=self.config.train.batch_size,
                                seed=self.config.seed, process_index=process_index,
                                process_count=process_count)
-        return Data(data.tokenizer, data.train_iter, data.eval_batches)
+        return Data(data.tokenizer, data.train_iter, data.eval_batches, len(data.train_source))
 
     def model_overrides(self, data: Data) -> dict[str, Any]:
         return {"vocab_size": data.tokenizer.vocab_size}

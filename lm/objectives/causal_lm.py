@@ -30,7 +30,8 @@ class CausalLM(Objective):
         lm_data = build_lm_data(cfg.data, workdir=workdir, seq_len=self.seq_len,
                                 batch_size=cfg.train.batch_size, seed=cfg.seed,
                                 process_index=process_index, process_count=process_count)
-        return Data(lm_data.tokenizer, lm_data.train_iter, lm_data.eval_batches)
+        return Data(lm_data.tokenizer, lm_data.train_iter, lm_data.eval_batches,
+                    lm_data.num_train_windows)
 
     def model_overrides(self, data: Data) -> dict[str, Any]:
         return {"vocab_size": data.tokenizer.vocab_size}

@@ -5,7 +5,9 @@ extension), `text_key` / `text_pair_key` / `label_key` (column names or JSON key
 `text_pair_key` means single sentences), `val_path`, or else a fixed seeded validation split
 of `val_size` training examples (`val_fraction` when 0; `split_seed`; `val_split`
 'random', or 'sentences' for phrase-level data such as SST: whole sentences, with the
-phrases inside them kept out of training, see `labelled.sentence_split`), `labels` (the label
+phrases inside them kept out of training, see `labelled.sentence_split`), `backbone` ('encoder':
+BERT-style, [CLS] + pooler; 'decoder': a causal stack read at the last real token, whose
+parameters are a causal LM's, e.g. to share one decoder with LM in a mixture), `labels` (the label
 list, comma-separated; empty: the sorted labels of the data), `label_map` ('0=negative,...':
 renames raw labels when reading), `seq_len`, and the tokenizer fields (see
 `lm.data.labelled.build_tokenizer`). The label list is saved to workdir/labels.json.
@@ -33,7 +35,7 @@ from lm.data import labelled
 from lm.data import tokenizers as tok_lib
 from lm.data.pipeline import EvalBatches, make_train_iterator
 from lm.models.config import ModelConfig
-from lm.models.heads import SequenceClassifier
+from lm.models.heads import DecoderClassifier, SequenceClassifier
 from lm.objectives.base import Batch, Data, Metrics, Objective
 
 PREDICT_BATCH = 32
@@ -75,7 +77,7 @@ class LabelledObjective(Objective, abc.ABC):
             return EvalBatches(val, cfg.train.batch_size, None, process_index,
                                         process_count)
 
-        return Data(self.tokenizer, train_iter, eval_batches)
+        return Data(self.tokenizer, train_iter, eval_batches, len(train))
 
     def _val_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         return labelled.validation_indices(self.config.data, n)
@@ -166,7 +168,9 @@ class Classification(LabelledObjective):
                                                   self.seq_len) for split in (train, val)]
         return self._pipelines(workdir, *sources, process_index, process_count)
 
-    def build_model(self, model_cfg: ModelConfig) -> SequenceClassifier:
+    def build_model(self, model_cfg: ModelConfig) -> SequenceClassifier | DecoderClassifier:
+        if self.config.data.get("backbone", "encoder") == "decoder":
+            return DecoderClassifier(model_cfg, num_classes=self.num_classes)
         return SequenceClassifier(model_cfg, self.num_classes)
 
     def _dummy_targets(self, batch_size: int) -> dict[str, np.ndarray]:
