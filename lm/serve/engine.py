@@ -75,7 +75,7 @@ def _bucket(n: int, cap: int) -> int:
 
 
 def _top(ids: np.ndarray, lps: np.ndarray) -> list[tuple[int, float]]:
-    return [(int(i), float(p)) for i, p in zip(ids, lps)]
+    return [(int(i), float(p)) for i, p in zip(ids, lps, strict=True)]
 
 
 class Engine:
