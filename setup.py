@@ -21,6 +21,8 @@ CORE = [
     "matplotlib>=3.8",  # study reports and run plots (Agg backend, no display)
 ]
 
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29"]
+
 setup(
     name="lm",
     version="0.1.0",
@@ -29,7 +31,10 @@ setup(
     packages=find_packages(include=["lm", "lm.*"]),
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "submitit>=1.5"],
+        # (openai + lm-eval: tests/test_serve.py drives lm.serve with both clients.)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "submitit>=1.5", *SERVE,
+                 "httpx>=0.27", "openai>=1.40", "lm-eval[api]>=0.4.13"],
+        "serve": SERVE,  # python -m lm.serve (OpenAI-compatible HTTP API)
         "slurm": ["submitit>=1.5"],  # lm.experiment --backend=slurm
         # Hugging Face parity checks and benchmarks (PyTorch CPU wheel pinned on purpose:
         # an unpinned torch pulls a multi-GB CUDA build).

@@ -5,6 +5,7 @@ loglikelihoods)."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -17,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
@@ -99,11 +99,19 @@ def greedy(model, prompt: str, n: int) -> str:
     return tok.decode(out[:out.index(eos)] if eos in out else out)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, ids_1L, seg_1L):
+    return jax.nn.log_softmax(Decoder(cfg).apply({"params": params}, ids_1L, seg_1L), axis=-1)
+
+
 def forward_logprobs(model, ids: list[int]) -> np.ndarray:
-    """[L - 1, V]: log p(. | ids[:i + 1]) from one full forward pass."""
+    """[L - 1, V]: log p(. | ids[:i + 1]) from one full forward pass (padded to the
+    context, so one compilation serves every length)."""
     cfg, params, _ = model
-    logits = Decoder(cfg).apply({"params": params}, jnp.asarray([ids]))
-    return np.asarray(jax.nn.log_softmax(logits[0, :-1], axis=-1))
+    pad = np.zeros((1, CONTEXT), np.int32)
+    pad[0, :len(ids)] = ids
+    seg = (np.arange(CONTEXT) < len(ids)).astype(np.int32)[None]
+    return np.asarray(_forward(cfg, params, pad, seg))[0, :len(ids) - 1]
 
 
 def prompt_of(i: int, length: int) -> str:

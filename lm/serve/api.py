@@ -31,7 +31,8 @@ class Job:
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.seqs: list[Seq] = []
 
-    def add(self, prompt: list[int], s: P.Sampling, choice: int, prompt_logprobs: bool) -> None:
+    def add(self, prompt: list[int], s: P.Sampling, choice: int, prompt_logprobs: bool,
+            logprobs: bool) -> None:
         index = len(self.seqs)
 
         def emit(event: Event) -> None:
@@ -40,7 +41,7 @@ class Job:
         seq = Seq(prompt=prompt, max_tokens=s.max_tokens, on_event=emit,
                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                   seed=(s.seed + 7919 * choice) % 2**32, stop=s.stop,
-                  prompt_logprobs=prompt_logprobs)
+                  prompt_logprobs=prompt_logprobs, logprobs=logprobs)
         self.seqs.append(seq)
 
     def start(self) -> None:
@@ -204,7 +205,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
         job = Job(engine)
         for p in plist:
             for j in range(s.n):
-                job.add(p, s, j, prompt_logprobs=echo and n_lp is not None)
+                job.add(p, s, j, prompt_logprobs=echo and n_lp is not None,
+                        logprobs=n_lp is not None)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_text = [tokenizer.decode(p) for p in plist]
         n_prompt = sum(map(len, plist))
@@ -294,7 +296,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
         P.check_length(prompt, s.max_tokens, context, "messages")
         job = Job(engine)
         for j in range(s.n):
-            job.add(prompt, s, j, prompt_logprobs=False)
+            job.add(prompt, s, j, prompt_logprobs=False, logprobs=n_lp is not None)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def lp_of(tokens, lps, tops):

@@ -59,6 +59,7 @@ class Seq:
     seed: int = 0
     stop: Sequence[str] = ()
     prompt_logprobs: bool = False
+    logprobs: bool = False  # top alternatives of each sampled token wanted
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     shown: int = 0  # characters of `text` already reported
@@ -69,9 +70,13 @@ class Seq:
         self.cancelled = True
 
 
-def _bucket(n: int, cap: int) -> int:
-    """The next power of two >= n (at least 8), capped: few shapes, few compilations."""
-    return min(cap, max(8, 1 << max(0, n - 1).bit_length()))
+def _bucket(n: int, cap: int, base: int = 2, least: int = 16) -> int:
+    """The next power of `base` >= n (at least `least`), capped: few shapes, few
+    compilations."""
+    b = 1
+    while b < max(n, least):
+        b *= base
+    return min(cap, b)
 
 
 def _top(ids: np.ndarray, lps: np.ndarray) -> list[tuple[int, float]]:
@@ -185,7 +190,7 @@ class Engine:
         if not decoding:
             return
         free = [i for i, s in enumerate(self.seqs) if s is None]
-        k = _bucket(len(decoding), self.slots)
+        k = _bucket(len(decoding), self.slots, base=4, least=1)
         length = _bucket(max(len(s.prompt) - 1 for s in decoding), self.context)
         ids = np.zeros((k, length), np.int32)
         lengths = np.zeros(k, np.int32)
@@ -210,7 +215,7 @@ class Engine:
 
     def _score(self, seqs: list[Seq]) -> None:
         """Echo logprobs: one full forward pass over the prompts."""
-        k = _bucket(len(seqs), 8)
+        k = _bucket(len(seqs), 8, base=8, least=1)
         length = _bucket(max(len(s.prompt) for s in seqs), self.context)
         ids = np.zeros((k, length), np.int32)
         lengths = np.zeros(k, np.int32)
@@ -229,7 +234,8 @@ class Engine:
         out = dev.step(self.model, self.params, self.cache, self.ids,
                        jnp.asarray(np.minimum(self.pos, self.context - 1)), jnp.asarray(active),
                        jnp.int32(self.column), jnp.asarray(self.seeds), jnp.asarray(self.count),
-                       jnp.asarray(self.temp), jnp.asarray(self.top_k), jnp.asarray(self.top_p))
+                       jnp.asarray(self.temp), jnp.asarray(self.top_k), jnp.asarray(self.top_p),
+                       jnp.asarray(any(s is not None and s.logprobs for s in self.seqs)))
         self.cache, self.ids = out[0], out[1]
         snapshot = [(i, s) for i, s in enumerate(self.seqs) if s is not None]
         self.pos[active] += 1
@@ -263,7 +269,8 @@ class Engine:
             delta = seq.text[seq.shown:visible]
             seq.shown = max(seq.shown, visible)
             seq.on_event(Event("token", token=t, logprob=float(tok_lp[slot]),
-                               top=_top(top_ids[slot], top_lp[slot]), text=delta))
+                               top=_top(top_ids[slot], top_lp[slot]) if seq.logprobs else None,
+                               text=delta))
             if reason:
                 self._finish(slot, seq, reason)
 

@@ -81,29 +81,41 @@ def insert(cache, rows, slots_K, shifts_K):
 def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     """Per-row sampling: greedy where temperature == 0, else a draw from the tempered
     softmax restricted to the top-k logits (0 = all) and then to the nucleus `top_p`
-    (the same filters as `lm.generate.filter_logits`, with settings per row)."""
+    (the same filters as `lm.generate.filter_logits`, with settings per row). The sort
+    the filters need runs only when some row asks for one, and nothing but an argmax
+    runs when every row is greedy."""
     v = logits_BV.shape[-1]
+    neg = jnp.finfo(logits_BV.dtype).min
     greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    x = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
-    sorted_BV = jnp.sort(x, axis=-1)[:, ::-1]
-    k = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
-    kth = jnp.take_along_axis(sorted_BV, (k - 1)[:, None], axis=-1)
-    neg = jnp.finfo(x.dtype).min
-    sorted_BV = jnp.where(sorted_BV < kth, neg, sorted_BV)
-    cum = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-    cut_idx = jnp.minimum(jnp.sum(cum < top_p_B[:, None], axis=-1, keepdims=True), v - 1)
-    cutoff = jnp.where(top_p_B[:, None] < 1.0, jnp.take_along_axis(sorted_BV, cut_idx, -1), neg)
-    x = jnp.where((x < kth) | (x < cutoff), neg, x)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, x)
-    return jnp.where(temperature_B == 0, greedy, drawn.astype(jnp.int32))
+
+    def filtered(x):
+        sorted_BV = jnp.sort(x, axis=-1)[:, ::-1]
+        k = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
+        kth = jnp.take_along_axis(sorted_BV, (k - 1)[:, None], axis=-1)
+        sorted_BV = jnp.where(sorted_BV < kth, neg, sorted_BV)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        cut_idx = jnp.minimum(jnp.sum(cum < top_p_B[:, None], axis=-1, keepdims=True), v - 1)
+        cutoff = jnp.where(top_p_B[:, None] < 1.0, jnp.take_along_axis(sorted_BV, cut_idx, -1),
+                           neg)
+        return jnp.where((x < kth) | (x < cutoff), neg, x)
+
+    def draw(_):
+        x = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+        needs_filter = jnp.any((temperature_B > 0) & ((top_k_B > 0) | (top_p_B < 1.0)))
+        x = jax.lax.cond(needs_filter, filtered, lambda x: x, x)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, x)
+        return jnp.where(temperature_B == 0, greedy, drawn.astype(jnp.int32))
+
+    return jax.lax.cond(jnp.all(temperature_B == 0), lambda _: greedy, draw, None)
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(2,))
 def step(model: Decoder, params, cache, ids_B, positions_B, active_B, column, seeds_B,
-         counters_B, temperature_B, top_k_B, top_p_B):
+         counters_B, temperature_B, top_k_B, top_p_B, want_top):
     """One token for every slot: feeds `ids_B` at `positions_B` (written at `column`),
     samples the next token per row. Returns (cache, next ids, their logprobs,
-    top-N ids, top-N logprobs); logprobs are of the untempered model distribution."""
+    top-N ids, top-N logprobs); logprobs are of the untempered model distribution, and
+    the top-N are computed only when `want_top` (zeros otherwise)."""
     cache = _set_index(cache, column)
     seg = active_B.astype(jnp.int32)[:, None]
     logits, mutated = model.apply({"params": params, "cache": cache}, ids_B[:, None], seg,
@@ -113,7 +125,11 @@ def step(model: Decoder, params, cache, ids_B, positions_B, active_B, column, se
     tok = sample_rows(logits_BV, keys, temperature_B, top_k_B, top_p_B)
     logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
     tok_lp = jnp.take_along_axis(logp_BV, tok[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logp_BV, min(TOP_N, logp_BV.shape[-1]))
+    n = min(TOP_N, logp_BV.shape[-1])
+    b = logp_BV.shape[0]
+    top_lp, top_ids = jax.lax.cond(
+        want_top, lambda lp: tuple(jax.lax.top_k(lp, n)),
+        lambda lp: (jnp.zeros((b, n), lp.dtype), jnp.zeros((b, n), jnp.int32)), logp_BV)
     return mutated["cache"], tok, tok_lp, top_ids.astype(jnp.int32), top_lp
 
 
