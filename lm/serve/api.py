@@ -197,7 +197,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
         P.check_model(body, model_name)
         plist = P.prompts(body, tokenizer.encode, vocab)
         s = P.sampling(body, default_max_tokens=fitted(body, max(map(len, plist))))
-        echo = P._bool(body, "echo")
+        echo = P.boolean(body, "echo")
         n_lp = P.logprobs_count(body, chat=False)
         for i, p in enumerate(plist):
             P.check_length(p, s.max_tokens, context, "prompt" if len(plist) == 1

@@ -231,11 +231,14 @@ class Engine:
 
     def _dispatch(self):
         active = np.array([s is not None for s in self.seqs])
+        k = _bucket(int(np.flatnonzero(active)[-1]) + 1, self.slots, least=1)
         out = dev.step(self.model, self.params, self.cache, self.ids,
-                       jnp.asarray(np.minimum(self.pos, self.context - 1)), jnp.asarray(active),
-                       jnp.int32(self.column), jnp.asarray(self.seeds), jnp.asarray(self.count),
-                       jnp.asarray(self.temp), jnp.asarray(self.top_k), jnp.asarray(self.top_p),
-                       jnp.asarray(any(s is not None and s.logprobs for s in self.seqs)))
+                       jnp.asarray(np.minimum(self.pos[:k], self.context - 1)),
+                       jnp.asarray(active[:k]), jnp.int32(self.column),
+                       jnp.asarray(self.seeds[:k]), jnp.asarray(self.count[:k]),
+                       jnp.asarray(self.temp[:k]), jnp.asarray(self.top_k[:k]),
+                       jnp.asarray(self.top_p[:k]),
+                       jnp.asarray(any(s is not None and s.logprobs for s in self.seqs)), rows=k)
         self.cache, self.ids = out[0], out[1]
         snapshot = [(i, s) for i, s in enumerate(self.seqs) if s is not None]
         self.pos[active] += 1
@@ -245,7 +248,7 @@ class Engine:
         return out[1:], snapshot
 
     def _process(self, out, snapshot) -> None:
-        tok, tok_lp, top_ids, top_lp = (np.asarray(a) for a in out)
+        tok, tok_lp, top_ids, top_lp = (np.asarray(a) for a in out)  # [rows] each
         for slot, seq in snapshot:
             if seq.finished:
                 continue

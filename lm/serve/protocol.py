@@ -82,7 +82,7 @@ def _float(body: dict, key: str, default: float, lo: float, hi: float, lo_open=F
     return float(v)
 
 
-def _bool(body: dict, key: str) -> bool:
+def boolean(body: dict, key: str) -> bool:
     v = body.get(key, False)
     if v is None:
         return False
@@ -134,7 +134,7 @@ def sampling(body: dict, *, default_max_tokens: int | None, extra_stops=()) -> S
         n=_int(body, "n", 1, 1, MAX_N),
         stop=stops + tuple(extra_stops),
         seed=random.getrandbits(32) if seed is None else seed % 2**32,
-        stream=_bool(body, "stream"),
+        stream=boolean(body, "stream"),
         include_usage=bool(options.get("include_usage", False)),
     )
 
@@ -203,7 +203,7 @@ def chat_prompt(body: dict) -> str:
 def logprobs_count(body: dict, chat: bool) -> int | None:
     """How many alternatives to return per token, or None for no logprobs."""
     if chat:
-        if not _bool(body, "logprobs"):
+        if not boolean(body, "logprobs"):
             if body.get("top_logprobs") is not None:
                 raise bad("top_logprobs", "needs logprobs: true")
             return None

@@ -109,14 +109,38 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     return jax.lax.cond(jnp.all(temperature_B == 0), lambda _: greedy, draw, None)
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(2,))
-def step(model: Decoder, params, cache, ids_B, positions_B, active_B, column, seeds_B,
-         counters_B, temperature_B, top_k_B, top_p_B, want_top):
-    """One token for every slot: feeds `ids_B` at `positions_B` (written at `column`),
-    samples the next token per row. Returns (cache, next ids, their logprobs,
-    top-N ids, top-N logprobs); logprobs are of the untempered model distribution, and
-    the top-N are computed only when `want_top` (zeros otherwise)."""
-    cache = _set_index(cache, column)
+def _row_axis(path, leaf) -> int | None:
+    name = _leaf_name(path)
+    return leaf.ndim - _ROW_LEAVES[name] if name in _ROW_LEAVES else None
+
+
+def _first_rows(cache, rows: int):
+    def take(path, leaf):
+        axis = _row_axis(path, leaf)
+        return leaf if axis is None else jax.lax.slice_in_dim(leaf, 0, rows, axis=axis)
+    return jax.tree_util.tree_map_with_path(take, cache)
+
+
+def _put_first_rows(cache, part):
+    def put(path, big, small):
+        axis = _row_axis(path, big)
+        return small if axis is None else jax.lax.dynamic_update_slice_in_dim(big, small, 0,
+                                                                               axis=axis)
+    return jax.tree_util.tree_map_with_path(put, cache, part)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rows"), donate_argnums=(2,))
+def step(model: Decoder, params, cache, ids_S, positions_B, active_B, column, seeds_B,
+         counters_B, temperature_B, top_k_B, top_p_B, want_top, *, rows: int):
+    """One token for each of the first `rows` slots (the occupied ones; the engine fills
+    slots lowest first, so few clients cost a small batch): feeds `ids_S[:rows]` at
+    `positions_B` (written at `column`) and samples the next token per row. Returns
+    (cache, ids_S with the next tokens, their logprobs, top-N ids, top-N logprobs);
+    logprobs are of the untempered model distribution, and the top-N are computed only
+    when `want_top` (zeros otherwise). Per-row inputs (`_B`) have `rows` entries."""
+    full = cache
+    cache = _set_index(_first_rows(cache, rows), column)
+    ids_B = ids_S[:rows]
     seg = active_B.astype(jnp.int32)[:, None]
     logits, mutated = model.apply({"params": params, "cache": cache}, ids_B[:, None], seg,
                                   positions_B[:, None], mutable=["cache"])
@@ -130,7 +154,8 @@ def step(model: Decoder, params, cache, ids_B, positions_B, active_B, column, se
     top_lp, top_ids = jax.lax.cond(
         want_top, lambda lp: tuple(jax.lax.top_k(lp, n)),
         lambda lp: (jnp.zeros((b, n), lp.dtype), jnp.zeros((b, n), jnp.int32)), logp_BV)
-    return mutated["cache"], tok, tok_lp, top_ids.astype(jnp.int32), top_lp
+    return (_put_first_rows(full, mutated["cache"]), ids_S.at[:rows].set(tok), tok_lp,
+            top_ids.astype(jnp.int32), top_lp)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
