@@ -164,11 +164,11 @@ def ours(concurrency: list[int]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ Hugging Face side
-def hf(concurrency: list[int]) -> list[dict]:
+def hf(concurrency: list[int], threads: int | None = None) -> list[dict]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=SHAPE["vocab"], n_embd=SHAPE["width"], n_layer=SHAPE["layers"],
@@ -192,7 +192,8 @@ def hf(concurrency: list[int]) -> list[dict]:
             call()
             latencies += [time.perf_counter() - t1] * c
         wall = time.perf_counter() - t0
-        out.append({"what": "serve", "impl": "hf", "concurrency": c, "config": SHAPE}
+        out.append({"what": "serve", "impl": "hf", "concurrency": c, "config": SHAPE,
+                    "torch_threads": torch.get_num_threads()}
                    | stats(latencies, len(latencies) * SHAPE["new"], wall))
     return out
 
@@ -203,12 +204,16 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, action="append", default=None)
     p.add_argument("--only", choices=("lm", "hf"), default=None, help="(internal) one side")
     p.add_argument("--serve", type=int, default=None, help="(internal) run the server")
+    p.add_argument("--hf_threads", type=int, default=None,
+                   help="PyTorch threads (default: all cores; 1 avoids oversubscription "
+                   "on a loaded machine)")
     args = p.parse_args()
     if args.serve:
         return serve(args.serve)
     conc = args.concurrency or [1, 8, 32]
     if args.only:
-        for record in (ours if args.only == "lm" else hf)(conc):
+        records = ours(conc) if args.only == "lm" else hf(conc, args.hf_threads)
+        for record in records:
             print(json.dumps(record), flush=True)
         return
     print(json.dumps(cpu_info()), flush=True)
@@ -217,6 +222,8 @@ def main() -> None:
         for impl in ("lm", "hf"):
             cmd = [sys.executable, __file__, "--only", impl] + [f"--concurrency={c}"
                                                                  for c in conc]
+            if args.hf_threads:
+                cmd.append(f"--hf_threads={args.hf_threads}")
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(out.stderr[-3000:])
