@@ -377,3 +377,20 @@ metric_list:
         np.testing.assert_allclose(theirs, ours[s["doc_id"]], atol=1e-4)
     assert len(samples) == len(docs)
     assert results["results"]["serve_mc"]["acc,none"] == pytest.approx(np.mean(correct))
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    nope = subprocess.run([sys.executable, "-m", "lm.serve", f"--workdir={tmp_path / 'nope'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert nope.returncode == 1
+    assert nope.stderr.strip().splitlines()[-1] == (
+        f"error: --workdir: no such directory: {tmp_path / 'nope'}")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"objective": "mlm_nsp"}))
+    wrong = subprocess.run([sys.executable, "-m", "lm.serve", f"--workdir={tmp_path / 'bert'}",
+                            "--slots=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().splitlines()[-1] == "error: --slots=0: must be >= 1"
+    bert = subprocess.run([sys.executable, "-m", "lm.serve", f"--workdir={tmp_path / 'bert'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bert.returncode == 1 and "needs a causal_lm run" in bert.stderr.splitlines()[-1]
