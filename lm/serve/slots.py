@@ -86,7 +86,8 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     runs when every row is greedy."""
     v = logits_BV.shape[-1]
     neg = jnp.finfo(logits_BV.dtype).min
-    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    # top_k(1) is argmax (ties go to the lower index too), ~3x faster on XLA's CPU backend.
+    greedy = jax.lax.top_k(logits_BV, 1)[1][:, 0].astype(jnp.int32)
 
     def filtered(x):
         sorted_BV = jnp.sort(x, axis=-1)[:, ::-1]
@@ -136,8 +137,8 @@ def step(model: Decoder, params, cache, ids_S, positions_B, active_B, column, se
     slots lowest first, so few clients cost a small batch): feeds `ids_S[:rows]` at
     `positions_B` (written at `column`) and samples the next token per row. Returns
     (cache, ids_S with the next tokens, their logprobs, top-N ids, top-N logprobs);
-    logprobs are of the untempered model distribution, and the top-N are computed only
-    when `want_top` (zeros otherwise). Per-row inputs (`_B`) have `rows` entries."""
+    logprobs are of the untempered model distribution, computed only when `want_top`
+    (some row asked for logprobs; zeros otherwise). Per-row inputs (`_B`) have `rows` entries."""
     full = cache
     cache = _set_index(_first_rows(cache, rows), column)
     ids_B = ids_S[:rows]
@@ -147,13 +148,20 @@ def step(model: Decoder, params, cache, ids_S, positions_B, active_B, column, se
     logits_BV = logits[:, -1].astype(jnp.float32)
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_B, counters_B)
     tok = sample_rows(logits_BV, keys, temperature_B, top_k_B, top_p_B)
-    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-    tok_lp = jnp.take_along_axis(logp_BV, tok[:, None], axis=-1)[:, 0]
-    n = min(TOP_N, logp_BV.shape[-1])
-    b = logp_BV.shape[0]
-    top_lp, top_ids = jax.lax.cond(
-        want_top, lambda lp: tuple(jax.lax.top_k(lp, n)),
-        lambda lp: (jnp.zeros((b, n), lp.dtype), jnp.zeros((b, n), jnp.int32)), logp_BV)
+    b, v = logits_BV.shape
+    n = min(TOP_N, v)
+
+    def logprobs(logits_BV):
+        logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+        tok_lp = jnp.take_along_axis(logp_BV, tok[:, None], axis=-1)[:, 0]
+        top_lp, top_ids = jax.lax.top_k(logp_BV, n)
+        return tok_lp, top_lp, top_ids.astype(jnp.int32)
+
+    def nothing(logits_BV):
+        return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, n), jnp.float32),
+                jnp.zeros((b, n), jnp.int32))
+
+    tok_lp, top_lp, top_ids = jax.lax.cond(want_top, logprobs, nothing, logits_BV)
     return (_put_first_rows(full, mutated["cache"]), ids_S.at[:rows].set(tok), tok_lp,
             top_ids.astype(jnp.int32), top_lp)
 
