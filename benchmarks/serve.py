@@ -98,8 +98,9 @@ def serve(port: int) -> None:
     params = Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     tok = _Tokenizer()
     engine = Engine(cfg, params, decode=tok.decode, eos_id=None, slots=SLOTS,
-                    context=SHAPE["prompt"] + SHAPE["new"]).start()
-    engine.warmup()
+                    context=SHAPE["prompt"] + SHAPE["new"])
+    engine.precompile(SHAPE["prompt"])
+    engine.start().warmup()
     uvicorn.run(create_app(engine, tok, "bench"), host="127.0.0.1", port=port,
                 log_level="warning")
 

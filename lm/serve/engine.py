@@ -137,6 +137,36 @@ class Engine:
                         on_event=lambda e: done.set() if e.kind in ("done", "error") else None))
         done.wait()
 
+    def precompile(self, prompt_len: int) -> None:
+        """Compiles the step for every occupied-prefix size and the prefill for every
+        batch size at `prompt_len`, so no request of that length waits for a compiler
+        (call before `start`; a benchmark wants this, a test does not)."""
+        cache = dev.empty_cache(self.model, self.slots)
+        ids = jnp.zeros((self.slots,), jnp.int32)
+        rows = 1
+        while True:
+            k = _bucket(rows, self.slots, least=1)
+            z = np.zeros(k, np.int32)
+            cache, ids, *_ = dev.step(self.model, self.params, cache, ids, z, z > 0,
+                                      jnp.int32(0), z.astype(np.uint32), z,
+                                      z.astype(np.float32), z, np.ones(k, np.float32),
+                                      jnp.asarray(False), rows=k)
+            if k == self.slots:
+                break
+            rows = k + 1
+        length = _bucket(prompt_len - 1, self.context)
+        k = 1
+        while True:
+            k = _bucket(k, self.slots, base=4, least=1)
+            rows_ = dev.prefill(self.model, self.params, jnp.zeros((k, length), jnp.int32),
+                                jnp.zeros((k,), jnp.int32))
+            cache = dev.insert(cache, rows_, jnp.full((k,), self.slots, jnp.int32),
+                               jnp.zeros((k,), jnp.int32))
+            if k == self.slots:
+                break
+            k += 1
+        jax.block_until_ready(cache)
+
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
         inflight = None
