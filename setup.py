@@ -23,6 +23,8 @@ CORE = [
     "rouge-score>=0.1.2",  # ROUGE-1/2/L (summarization)
 ]
 
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29"]
+
 setup(
     name="lm",
     version="0.1.0",
@@ -32,12 +34,15 @@ setup(
     install_requires=CORE,
     extras_require={
         # nbmake + ipykernel execute notebooks/ (pytest --nbmake notebooks/); wandb, gradio
-        # and playwright let the W&B writer and browser demo tests run instead of skipping.
+        # and playwright let the W&B writer and browser demo tests run instead of skipping;
+        # openai + lm-eval: tests/test_serve.py drives lm.serve with both clients.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "submitit>=1.5",
                  "nbmake>=1.5", "ipykernel>=6.29", "wandb>=0.19", "gradio>=5.0",
-                 "playwright>=1.45"],
+                 "playwright>=1.45", *SERVE, "httpx>=0.27", "openai>=1.40",
+                 "lm-eval[api]>=0.4.13"],
         "wandb": ["wandb>=0.19"],  # train.wandb_project
         "demo": ["gradio>=5.0"],  # python -m lm.demo
+        "serve": SERVE,  # python -m lm.serve (OpenAI-compatible HTTP API)
         "slurm": ["submitit>=1.5"],  # lm.experiment --backend=slurm
         # Hugging Face parity checks and benchmarks (PyTorch CPU wheel pinned on purpose:
         # an unpinned torch pulls a multi-GB CUDA build).
