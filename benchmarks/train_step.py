@@ -108,11 +108,19 @@ def _config_file(name: str, variant: str) -> ConfigDict:
                  ).get_config(variant)
 
 
-def our_step(kind: str, dtype: str, **model_opts):
+def our_step(kind: str, dtype: str, steps_per_call: int = 1, **model_opts):
     """A no-argument function running our real jitted train step once, on one device."""
-    config = our_config(kind, dtype, **model_opts)
+    return step_on_one_device(our_config(kind, dtype, **model_opts), SHAPE["batch"],
+                              steps_per_call)
+
+
+def step_on_one_device(config: ConfigDict, batch_size: int, steps_per_call: int = 1):
+    """A no-argument function running `steps_per_call` optimizer steps of `config`'s real
+    jitted train step (one compiled call) on one device, on a fixed random batch of
+    `config.data.seq_len` tokens (MLM: `data.max_predictions` real predictions per row)."""
     objective = get_objective(config)
     model_cfg = to_model_config(config.model)
+    vocab, seq = model_cfg.vocab_size, config.data.seq_len
     model = objective.build_model(model_cfg)
     mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
     tx, lr = optim.build(config.optim, 1000)
@@ -120,25 +128,26 @@ def our_step(kind: str, dtype: str, **model_opts):
         config, objective, model, tx, mesh, sharding.get_rules("dp"))
     setup = train.Setup(objective, model, model_cfg, None, mesh, tx, lr, state_sharding,
                         init_state)
-    step = train.make_train_step(setup, 1)
+    step = train.make_train_step(setup, 1, steps_per_call)
     rng = np.random.default_rng(0)
-    batch = objective.dummy_batch(SHAPE["batch"])
+    batch = objective.dummy_batch(batch_size)
     for key in ("inputs", "targets", "input_ids"):
         if key in batch:
-            batch[key] = rng.integers(5, VOCAB[kind], batch[key].shape).astype(np.int32)
-    if "masked_positions" in batch:  # 20 real predictions per row, random NSP labels
+            batch[key] = rng.integers(5, vocab, batch[key].shape).astype(np.int32)
+    if "masked_positions" in batch:  # real predictions in every row, random NSP labels
+        predictions = batch["masked_positions"].shape[1]
         batch["masked_positions"] = np.sort(np.stack([
-            rng.choice(np.arange(1, SHAPE["seq"]), PREDICTIONS, replace=False)
-            for _ in range(SHAPE["batch"])]), axis=1).astype(np.int32)
-        batch["masked_ids"] = rng.integers(5, VOCAB[kind], batch["masked_ids"].shape,
-                                           dtype=np.int32)
+            rng.choice(np.arange(1, seq), predictions, replace=False)
+            for _ in range(batch_size)]), axis=1).astype(np.int32)
+        batch["masked_ids"] = rng.integers(5, vocab, batch["masked_ids"].shape, dtype=np.int32)
         batch["masked_weights"] = np.ones_like(batch["masked_weights"])
         batch["nsp_label"] = rng.integers(0, 2, batch["nsp_label"].shape, dtype=np.int32)
     batch = sharding.shard_batch(batch, mesh)
+    batches = batch if steps_per_call == 1 else (batch,) * steps_per_call
     holder = {"state": init_state()}
 
     def run():
-        holder["state"], metrics = step(holder["state"], batch)
+        holder["state"], metrics = step(holder["state"], batches)
         return metrics
 
     jax.block_until_ready(run())

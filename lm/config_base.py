@@ -73,7 +73,10 @@ def base_config() -> ConfigDict:
         preemption_sync_every=10, loss_chunk=512,
         # a jax.profiler trace of steps [profile_start, profile_start + profile_steps) into
         # WORKDIR/profile (xprof / TensorBoard's profile plugin); 0 steps = off
-        profile_start=0, profile_steps=0))
+        profile_start=0, profile_steps=0,
+        # optimizer steps per compiled call (lax.scan over that many batches); every step is
+        # still logged, and calls end on eval / checkpoint steps (see lm/train.py)
+        steps_per_call=1))
     c.evals = ConfigDict(dict(max_batches=0))  # 0 = the whole validation split
     c.init_from = ""
     return c

@@ -155,6 +155,7 @@ RULES: dict[str, Check] = {
     "train.loss_chunk": at_least(-1),
     "train.profile_start": non_negative,
     "train.profile_steps": non_negative,
+    "train.steps_per_call": at_least(1),
     "evals.max_batches": non_negative,
 }
 
