@@ -35,6 +35,7 @@ import train_step as bench  # noqa: E402 (the shared one-device step builder)
 from lm import reporting  # noqa: E402
 from lm.config_base import model_config, to_model_config  # noqa: E402
 from lm.objectives import get as get_objective  # noqa: E402
+from lm.runtime import cpu_flags  # noqa: E402
 
 # name -> (preset, seq, default batch, vocab); GPT-2's vocabulary padded to a multiple of 64
 MODELS = {"gpt2": ("gpt2_small", 1024, 16, 50304), "bert": ("bert_base", 512, 32, 30522)}
@@ -101,18 +102,6 @@ def measure(name: str, args) -> dict:
         "peak_memory_gb": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
         "cpu_flags": cpu_flags(),
     }
-
-
-def cpu_flags() -> list[str]:
-    """The host CPU's bf16 / AMX / AVX-512 flags (empty where /proc/cpuinfo is absent)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
-    except OSError:
-        return []
-    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
-    return [f for f in wanted if f in flags]
 
 
 def main() -> None:

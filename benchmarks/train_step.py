@@ -35,6 +35,7 @@ from ml_collections import ConfigDict
 from lm import optim, reporting, sharding, train
 from lm.config_base import base_config, model_config, to_model_config
 from lm.objectives import get as get_objective
+from lm.runtime import cpu_flags
 
 SHAPE = dict(layers=4, width=256, heads=4, seq=128, batch=16)
 CHAR_SHAPE = dict(layers=4, width=128, heads=4, seq=64, batch=12)
@@ -218,11 +219,13 @@ def _char_peer_step():
     return run
 
 
-def timed(fn, steps: int) -> float:
-    t0 = time.perf_counter()
+def timed(fn, steps: int) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) per call. On a shared machine the CPU
+    time is the steadier figure: time spent descheduled does not count."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         fn()
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
 def main() -> None:
@@ -243,6 +246,8 @@ def main() -> None:
     p.add_argument("--attention_impl", default="einsum", help="einsum | xla | cudnn")
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true")
+    p.add_argument("--steps_per_call", type=int, default=1,
+                   help="our optimizer steps per compiled call (train.steps_per_call)")
     p.add_argument("--loss_chunk", type=int, default=None,
                    help="tokens per fused projection + loss chunk (default: the config's); "
                         "-1 = materialised logits")
@@ -269,36 +274,49 @@ def main() -> None:
     if "lm" in sides:
         fns["lm"] = our_step(args.model, args.dtype, preset=args.preset,
                              attention_impl=args.attention_impl, remat=args.remat,
-                             scan=args.scan, loss_chunk=args.loss_chunk)
+                             scan=args.scan, loss_chunk=args.loss_chunk,
+                             steps_per_call=args.steps_per_call)
     if "hf" in sides:
         fns["hf"] = hf_step(args.model)
     times: dict[str, list[float]] = {"lm": [], "hf": []}
+    cpu_times: dict[str, list[float]] = {"lm": [], "hf": []}
     for r in range(args.rounds):
         for impl, fn in fns.items():
-            t = timed(fn, args.steps)
+            k = args.steps_per_call if impl == "lm" else 1
+            t, cpu = (x / k for x in timed(fn, max(1, args.steps // k)))  # per step
             times[impl].append(t)
+            cpu_times[impl].append(cpu)
             gflops = flops_per_token * tokens / t / 1e9
             dtype = args.dtype if impl == "lm" else "float32"
             print(json.dumps({
                 "what": f"train_step_{args.model}", "impl": impl, "round": r, "dtype": dtype,
                 "config": SHAPE | {"vocab": VOCAB[args.model], "preset": args.preset,
                                "attention": args.attention_impl, "remat": args.remat,
-                               "loss_chunk": args.loss_chunk},
-                "step_time_s": round(t, 4), "tokens_per_sec": round(tokens / t, 1),
+                               "loss_chunk": args.loss_chunk,
+                               "steps_per_call": args.steps_per_call if impl == "lm" else 1},
+                "step_time_s": round(t, 4), "step_cpu_s": round(cpu, 4),
+                "tokens_per_sec": round(tokens / t, 1),
                 "model_gflops_per_s": round(gflops, 1),
                 "mfu_vs_gemm_ceiling": round(gflops / ceiling[dtype], 3),
                 **({"mfu_vs_device_peak": round(gflops * 1e9 / peak, 3)}
                    if peak and impl == "lm" else {}),
-                "peak_rss_mb": round(peak_rss_mb(), 1)}), flush=True)
-    print_ratio(args, times)
+                "peak_rss_mb": round(peak_rss_mb(), 1), "cpu_flags": cpu_flags()}), flush=True)
+    print_ratio(args, times, cpu_times)
 
 
-def print_ratio(args, times: dict[str, list[float]]) -> None:
+def print_ratio(args, times: dict[str, list[float]], cpu_times: dict[str, list[float]]
+                ) -> None:
+    """Median wall-time ratio (and the CPU-time one, steadier on a shared machine)."""
     if times["hf"] and times["lm"]:
         ratio = float(np.median(times["hf"]) / np.median(times["lm"]))
+        cpu = float(np.median(cpu_times["hf"]) / np.median(cpu_times["lm"]))
         print(json.dumps({"what": f"ratio_{args.model}", "dtype": args.dtype,
-                          "isolated": args.isolate,
-                          "lm_over_hf_tokens_per_sec": round(ratio, 2)}), flush=True)
+                          "isolated": args.isolate, "rounds": len(times["lm"]),
+                          "steps_per_call": args.steps_per_call,
+                          "lm_over_hf_tokens_per_sec": round(ratio, 2),
+                          "lm_over_hf_by_cpu_time": round(cpu, 2),
+                          "load_average": os.getloadavg()[0], "cpu_flags": cpu_flags()}),
+              flush=True)
 
 
 def isolated(args) -> None:
@@ -308,6 +326,7 @@ def isolated(args) -> None:
 
     argv = [*sys.argv[1:], "--rounds", "1"]  # the last --rounds wins
     times: dict[str, list[float]] = {"lm": [], "hf": []}
+    cpu_times: dict[str, list[float]] = {"lm": [], "hf": []}
     for r in range(args.rounds):
         for impl in ["lm"] + ([] if args.no_hf else ["hf"]):
             out = subprocess.run([sys.executable, __file__, *argv, "--only", impl],
@@ -318,8 +337,9 @@ def isolated(args) -> None:
                 record = json.loads(line) | {"round": r, "process": impl}
                 if record["what"].startswith("train_step_"):
                     times[impl].append(record["step_time_s"])
+                    cpu_times[impl].append(record["step_cpu_s"])
                 print(json.dumps(record), flush=True)  # incl. each process's GEMM ceiling
-    print_ratio(args, times)
+    print_ratio(args, times, cpu_times)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def base_config() -> ConfigDict:
         # optimizer steps per compiled call (lax.scan over that many batches); every step is
         # still logged, and calls end on eval / checkpoint steps (see lm/train.py)
         steps_per_call=1))
-    c.evals = ConfigDict(dict(max_batches=0))  # 0 = the whole validation split
+    # max_batches: 0 = the whole validation split; batch_size: 0 = train.batch_size
+    c.evals = ConfigDict(dict(max_batches=0, batch_size=0))
     c.init_from = ""
     return c
 

@@ -157,6 +157,7 @@ RULES: dict[str, Check] = {
     "train.profile_steps": non_negative,
     "train.steps_per_call": at_least(1),
     "evals.max_batches": non_negative,
+    "evals.batch_size": non_negative,
 }
 
 
