@@ -5,11 +5,14 @@ Each round runs A, then B, each as a new process; every JSON line a run prints w
 `what` starts with --what is kept, and its --key values (default: wall and CPU seconds
 per step) collected. Prints each run's lines (tagged side/round), then one summary line
 with, per key, ratio = median(A) / median(B): how many times faster B is, for a time.
+`{round}` in a command becomes the round number (a fresh work directory per run).
 
     python benchmarks/ab.py --rounds 4 --what train_step_gpt \\
       --a "benchmarks/train_step.py --model gpt --only lm --rounds 1" \\
       --b "benchmarks/train_step.py --model gpt --only lm --rounds 1 --dtype bfloat16"
     python benchmarks/ab.py --b_env XLA_FLAGS=--xla_cpu_prefer_vector_width=512 --a ... --b ...
+    python benchmarks/ab.py --what process --key process_wall_s process_cpu_s \
+      --a "-m lm.main --config=configs/char_lm.py:baby --workdir=/tmp/a{round}" --b "..."
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -35,14 +40,21 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
 
 
 def run_once(command: str, env: dict[str, str], what: str, key: str) -> list[dict]:
-    """The JSON lines of one fresh run of `command` that match `what` and have `key`."""
+    """The JSON lines of one fresh run of `command` that match `what` and have `key`, plus
+    a line {"what": "process", "process_wall_s", "process_cpu_s"} for the whole run
+    (start-up, compilation, data preparation and evaluations included)."""
     argv = shlex.split(command)
-    if argv[0].endswith(".py"):
+    if argv[0].endswith(".py") or argv[0] == "-m":
         argv = [sys.executable, *argv]
+    t0, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env})
+    wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode:
         raise SystemExit(f"{command!r} exited {out.returncode}: {out.stderr.strip()[-500:]}")
     lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    lines.append({"what": "process", "process_wall_s": round(wall, 2),
+                  "process_cpu_s": round(cpu, 2)})
     return [r for r in lines if str(r.get("what", "")).startswith(what) and key in r]
 
 
@@ -62,7 +74,8 @@ def main() -> None:
     values: dict[str, dict[str, list[float]]] = {k: {"a": [], "b": []} for k in args.key}
     for r in range(args.rounds):
         for side, (command, env) in sides.items():
-            for record in run_once(command, env, args.what, args.key[0]):
+            run = command.replace("{round}", str(r))  # e.g. a fresh workdir per round
+            for record in run_once(run, env, args.what, args.key[0]):
                 for k in args.key:
                     if k in record:
                         values[k][side].append(float(record[k]))

@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.models import matmul
 from lm.models import positions as pos_lib
 from lm.models.config import ModelConfig
 from lm.models.masks import Mask
@@ -88,10 +87,7 @@ def _dense(cfg: ModelConfig, features: int | tuple[int, ...], axes: tuple[str, .
            in_axis: int | tuple[int, ...] = -1, init_scale: float = 1.0) -> nn.Module:
     """DenseGeneral with logical axis names; the bias takes the names of the output axes."""
     n_out = len(features) if isinstance(features, tuple) else 1
-    low = cfg.compute_dtype != jnp.float32  # bf16 operands, fp32 accumulation (matmul.py)
     return nn.DenseGeneral(
-        **(dict(dot_general=matmul.for_dtype(cfg.compute_dtype),
-                promote_dtype=matmul.keep_kernel_dtype) if low else {}),
         features=features,
         axis=in_axis,
         use_bias=cfg.use_bias,

@@ -6,7 +6,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.models import matmul
 from lm.models.attention import Attention
 from lm.models.config import ModelConfig
 from lm.models.masks import Mask
@@ -141,11 +140,7 @@ class Dense(nn.Module):
             "kernel", param_init(cfg, self.axes, nn.initializers.normal(
                 cfg.init_std * self.init_scale)),
             (x.shape[-1], self.features), cfg.params_dtype)
-        if cfg.compute_dtype == jnp.float32:
-            y = jnp.dot(x.astype(cfg.compute_dtype), jnp.asarray(kernel, cfg.compute_dtype))
-        else:  # bf16 operands, fp32 accumulation and weight gradient (lm/models/matmul.py)
-            y = matmul.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                                   cfg.compute_dtype)
+        y = jnp.dot(x.astype(cfg.compute_dtype), jnp.asarray(kernel, cfg.compute_dtype))
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias = self.param("bias", param_init(cfg, self.axes[-1:],
                                                  nn.initializers.zeros_init()),
