@@ -261,7 +261,7 @@ def main() -> None:
     if "hf" in sides:
         import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores `taskset` allows
     tokens = SHAPE["batch"] * SHAPE["seq"]
     n = 8192 if jax.devices()[0].platform == "gpu" else 2048
     ceiling = {d: gemm_ceiling(d, n) for d in ("float32", args.dtype)}
