@@ -19,6 +19,8 @@ CORE = [
     "safetensors>=0.4",
     "tokenizers>=0.19",  # WordPiece vocabulary training (BERT pretraining)
     "matplotlib>=3.8",  # study reports and run plots (Agg backend, no display)
+    "sacrebleu>=2.4",  # BLEU / chrF of decoded outputs in the seq2seq eval loop
+    "rouge-score>=0.1.2",  # ROUGE-1/2/L (summarization)
 ]
 
 setup(
@@ -29,7 +31,13 @@ setup(
     packages=find_packages(include=["lm", "lm.*"]),
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "submitit>=1.5"],
+        # nbmake + ipykernel execute notebooks/ (pytest --nbmake notebooks/); wandb, gradio
+        # and playwright let the W&B writer and browser demo tests run instead of skipping.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "submitit>=1.5",
+                 "nbmake>=1.5", "ipykernel>=6.29", "wandb>=0.19", "gradio>=5.0",
+                 "playwright>=1.45"],
+        "wandb": ["wandb>=0.19"],  # train.wandb_project
+        "demo": ["gradio>=5.0"],  # python -m lm.demo
         "slurm": ["submitit>=1.5"],  # lm.experiment --backend=slurm
         # Hugging Face parity checks and benchmarks (PyTorch CPU wheel pinned on purpose:
         # an unpinned torch pulls a multi-GB CUDA build).

@@ -76,7 +76,9 @@ def base_config() -> ConfigDict:
         profile_start=0, profile_steps=0,
         # optimizer steps per compiled call (lax.scan over that many batches); every step is
         # still logged, and calls end on eval / checkpoint steps (see lm/train.py)
-        steps_per_call=1))
+        steps_per_call=1,
+        # a Weights & Biases project to log to as well ('' = none; `pip install -e .[wandb]`)
+        wandb_project=""))
     # max_batches: 0 = the whole validation split; batch_size: 0 = train.batch_size
     c.evals = ConfigDict(dict(max_batches=0, batch_size=0))
     c.init_from = ""

@@ -101,7 +101,8 @@ RULES: dict[str, Check] = {
     "model.attention_dropout_rate": interval(0.0, 1.0),
     "model.position": one_of("learned", "sinusoidal", "rope", "relative", "none"),
     "model.norm": one_of("layernorm", "rmsnorm"),
-    "model.activation": one_of("gelu", "gelu_tanh", "relu", "swiglu", "geglu"),
+    "model.activation": one_of("gelu", "gelu_tanh", "relu", "swiglu", "geglu",
+                                       "geglu_tanh"),
     "model.attention_impl": one_of("einsum", "xla", "cudnn"),
     "model.remat": one_of("none", "full", "dots", "dots_no_batch"),
     "model.dtype": _dtype,
@@ -113,7 +114,7 @@ RULES: dict[str, Check] = {
     "data.seq_len": at_least(2),
     "data.val_fraction": interval(0.0, 1.0),
     "data.vocab_size": non_negative,
-    "data.tokenizer": one_of("char", "byte", "sentencepiece", "wordpiece"),
+    "data.tokenizer": one_of("char", "byte", "bpe", "sentencepiece", "wordpiece"),
     "data.pack": one_of("chunk", "documents"),
     "data.train_stride": non_negative,
     "data.worker_count": non_negative,
@@ -125,6 +126,11 @@ RULES: dict[str, Check] = {
     "data.dupe_factor": at_least(1),
     "data.val_split": one_of("random", "sentences"),
     "data.val_size": non_negative,
+    "data.inputs_length": at_least(2),
+    "data.targets_length": at_least(2),
+    "data.noise_density": interval(0.0, 1.0),
+    "data.mean_span_length": at_least(1),
+    "data.extra_ids": non_negative,
     # optimizer
     "optim.name": one_of("adamw"),
     "optim.lr": positive,
@@ -156,8 +162,13 @@ RULES: dict[str, Check] = {
     "train.profile_start": non_negative,
     "train.profile_steps": non_negative,
     "train.steps_per_call": at_least(1),
+    "train.label_smoothing": interval(0.0, 1.0),
     "evals.max_batches": non_negative,
     "evals.batch_size": non_negative,
+    "evals.decode_every": non_negative,
+    "evals.decode_examples": non_negative,
+    "evals.beam_size": at_least(1),
+    "evals.length_penalty": non_negative,
 }
 
 
@@ -179,6 +190,11 @@ def validate(config: Any) -> None:
             problem = check(value)
             if problem:
                 raise ConfigError(f"{path}: {problem}")
+    every = _lookup(values, "evals.decode_every")[1]
+    eval_every = _lookup(values, "train.eval_every")[1]
+    if every and eval_every and every % eval_every:
+        raise ConfigError(f"evals.decode_every: {every} must be a multiple of "
+                          f"train.eval_every ({eval_every}): outputs are decoded at evaluations")
     present, impl = _lookup(values, "model.attention_impl")
     if present and impl == "cudnn":
         import jax  # noqa: PLC0415 (only this check needs the backend)

@@ -122,7 +122,8 @@ def generate(cfg: ModelConfig, params: Any, prompt_ids: np.ndarray, *, max_new_t
     b, lp = prompt.shape
     if lp == 0:
         raise ValueError("prompt: at least one token is needed")
-    windowed = cfg.position == "learned"
+    # Learned positions end at max_len: slide a window only when the output would pass it.
+    windowed = cfg.position == "learned" and lp + max_new_tokens > cfg.max_len
     cache_len = cfg.max_len if windowed else lp + max_new_tokens
     ctx = prompt[:, -cfg.max_len:] if windowed and lp > cfg.max_len else prompt
     model = Decoder(cfg, decode=True, cache_len=cache_len)
@@ -130,3 +131,162 @@ def generate(cfg: ModelConfig, params: Any, prompt_ids: np.ndarray, *, max_new_t
                      max_new_tokens=max_new_tokens, temperature=float(temperature),
                      top_k=int(top_k), top_p=float(top_p), eos_id=eos_id, windowed=windowed)
     return np.asarray(buf)[:, : lp + int(n)]
+
+
+# ----------------------------------------------------------------------------- beam search
+NEG_INF = -jnp.inf
+
+
+def length_penalty(length, alpha: float):
+    """GNMT's ((5 + length) / 6) ** alpha; scores are log-probability / penalty."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def _gather_beams(tree, parent_BK: jnp.ndarray, batch: int, beams: int):
+    """Rows [B*K, ...] of every array leaf re-picked by parent beam (scalars kept)."""
+    def gather(x):
+        if x.ndim == 0 or x.shape[0] != batch * beams:
+            return x
+        x = x.reshape(batch, beams, *x.shape[1:])
+        idx = parent_BK.reshape(batch, beams, *([1] * (x.ndim - 2)))
+        return jnp.take_along_axis(x, idx, axis=1).reshape(batch * beams, *x.shape[2:])
+
+    return jax.tree.map(gather, tree)
+
+
+def _search(step, cache, logits_NV, *, batch: int, beams: int, max_len: int, alpha: float,
+            eos_id: int):
+    """The alive / finished beam loop on the device. `step(cache, tokens [B*K], i)` runs the
+    decoder on the token at output position i and returns (logits [B*K, V], cache).
+
+    Each step extends every alive beam by every token; the 2K best candidates (K when K = 1,
+    i.e. greedy) are split: those ending in `eos_id`, or reaching `max_len`, join the
+    finished set with score logp / length_penalty(length), the others compete for the K alive
+    slots. The search stops once no alive beam can beat the worst finished one: log-probs only
+    fall and, for alpha >= 0, the penalty only grows up to `max_len`, so
+    logp_alive / length_penalty(max_len) bounds every continuation.
+    """
+    b, k = batch, beams
+    n_cand = 1 if k == 1 else 2 * k
+    alive_seq = jnp.zeros((b, k, max_len), jnp.int32)
+    alive_lp = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1))
+    fin_seq = jnp.zeros((b, k, max_len), jnp.int32)
+    fin_score = jnp.full((b, k), NEG_INF, jnp.float32)
+    bound = length_penalty(max_len, alpha)
+
+    def cond(state):
+        i, _, alive_lp, _, fin_score, _, _ = state
+        worst_finished = jnp.min(fin_score, axis=1)
+        best_alive = alive_lp[:, 0] / bound
+        hopeless = (best_alive < worst_finished) | (alive_lp[:, 0] == NEG_INF)
+        return (i < max_len) & ~jnp.all(hopeless)
+
+    def body(state):
+        i, alive_seq, alive_lp, fin_seq, fin_score, cache, logits = state
+        vocab = logits.shape[-1]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, k, vocab)
+        cand = (alive_lp[:, :, None] + logp).reshape(b, k * vocab)
+        cand_lp, flat = jax.lax.top_k(cand, n_cand)
+        parent, tok = flat // vocab, (flat % vocab).astype(jnp.int32)
+        cand_seq = jnp.take_along_axis(alive_seq, parent[:, :, None], axis=1)
+        cand_seq = jax.lax.dynamic_update_slice_in_dim(cand_seq, tok[:, :, None], i, axis=2)
+        ends = (tok == eos_id) | (i == max_len - 1)
+        # finished: keep the K best of the old finished and the newly ended candidates
+        new_score = jnp.where(ends, cand_lp / length_penalty(i + 1, alpha), NEG_INF)
+        all_score = jnp.concatenate([fin_score, new_score], axis=1)
+        all_seq = jnp.concatenate([fin_seq, cand_seq], axis=1)
+        fin_score, top = jax.lax.top_k(all_score, k)
+        fin_seq = jnp.take_along_axis(all_seq, top[:, :, None], axis=1)
+        # alive: the K best candidates that did not end
+        live_lp = jnp.where(ends, NEG_INF, cand_lp)
+        alive_lp, top = jax.lax.top_k(live_lp, k)
+        alive_seq = jnp.take_along_axis(cand_seq, top[:, :, None], axis=1)
+        new_parent = jnp.take_along_axis(parent, top, axis=1)
+        new_tok = jnp.take_along_axis(tok, top, axis=1)
+        cache = _gather_beams(cache, new_parent, b, k)
+        logits, cache = step(cache, new_tok.reshape(b * k), i)
+        return i + 1, alive_seq, alive_lp, fin_seq, fin_score, cache, logits
+
+    state = (jnp.int32(0), alive_seq, alive_lp, fin_seq, fin_score, cache, logits_NV)
+    _, alive_seq, alive_lp, fin_seq, fin_score, *_ = jax.lax.while_loop(cond, body, state)
+    return fin_seq, fin_score
+
+
+def _repeat(x, beams: int):
+    return jnp.repeat(x, beams, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beams", "max_len", "alpha", "eos_id"))
+def _beam_encdec(model, params, inputs_BS, seg_BS, *, beams: int, max_len: int, alpha: float,
+                 eos_id: int):
+    b = inputs_BS.shape[0]
+    encoded = model.apply({"params": params}, inputs_BS, seg_BS, method=model.encode)
+    encoded, seg = _repeat(encoded, beams), _repeat(seg_BS, beams)
+    start = jnp.zeros((b * beams, 1), jnp.int32)  # the decoder start id
+
+    def run(cache, tok_N1, pos):
+        positions = jnp.full(tok_N1.shape, pos, jnp.int32)
+        logits, mutated = model.apply({"params": params, "cache": cache}, encoded, tok_N1,
+                                      None, positions, encoder_segment_ids=seg,
+                                      method=model.decode, mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs_BS[:1].repeat(
+        b * beams, 0), start))
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+    logits, cache = run(cache, start, 0)
+    return _search(lambda c, t, i: run(c, t[:, None], i + 1), cache, logits, batch=b,
+                   beams=beams, max_len=max_len, alpha=alpha, eos_id=eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beams", "max_len", "alpha", "eos_id"))
+def _beam_decoder(model, params, prompt_BP, *, beams: int, max_len: int, alpha: float,
+                  eos_id: int):
+    b, lp = prompt_BP.shape
+    prompt = _repeat(prompt_BP, beams)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), prompt[:, :1]))
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+    pos = jnp.broadcast_to(jnp.arange(lp, dtype=jnp.int32), prompt.shape)
+    logits, cache = _forward(model, params, cache, prompt, pos)
+
+    def step(cache, tok_N, i):
+        return _forward(model, params, cache, tok_N[:, None],
+                        jnp.full((b * beams, 1), lp + i, jnp.int32))
+
+    return _search(step, cache, logits, batch=b, beams=beams, max_len=max_len, alpha=alpha,
+                   eos_id=eos_id)
+
+
+def beam_search(cfg: ModelConfig, params: Any, ids: np.ndarray, *, beam_size: int = 4,
+                alpha: float = 0.6, max_len: int, eos_id: int, decoder_only: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Beam search through the KV cache; one compiled call per shape and setting.
+
+    `ids` [B, S]: encoder inputs (id 0 = padding) of an `EncoderDecoder`, or, with
+    `decoder_only`, a `Decoder` prompt (every row the same length). Returns the `beam_size`
+    best hypotheses per row, best first: tokens [B, K, max_len] (0 after `eos_id`) and
+    scores [B, K] (log-probability / ((5 + length) / 6) ** alpha, the length counting `eos_id`).
+    A hypothesis that reaches `max_len` tokens ends there. Beam size 1 is greedy decoding.
+    """
+    from lm.models.transformer import EncoderDecoder  # noqa: PLC0415
+
+    if beam_size < 1:
+        raise ValueError(f"beam_size: must be >= 1, got {beam_size}")
+    if max_len < 1:
+        raise ValueError(f"max_len: must be >= 1, got {max_len}")
+    if alpha < 0:
+        raise ValueError(f"length_penalty: alpha must be >= 0, got {alpha}")
+    ids = jnp.asarray(np.asarray(ids, np.int32))
+    kw = dict(beams=int(beam_size), max_len=int(max_len), alpha=float(alpha),
+              eos_id=int(eos_id))
+    if decoder_only:
+        total = ids.shape[1] + max_len
+        if cfg.position == "learned" and total > cfg.max_len:
+            raise ValueError(f"max_len: prompt + max_len = {total} exceeds the model's "
+                             f"learned positions ({cfg.max_len})")
+        model = Decoder(cfg, decode=True, cache_len=total + 1)  # + the unused last step
+        seqs, scores = _beam_decoder(model, params, ids, **kw)
+    else:
+        model = EncoderDecoder(cfg, decode_mode=True, cache_len=max_len + 1)
+        seqs, scores = _beam_encdec(model, params, ids, (ids != 0).astype(jnp.int32), **kw)
+    return np.asarray(seqs), np.asarray(scores)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 PREFIXES = ("O", "B", "I", "E", "S")
 
 
@@ -103,3 +105,14 @@ def iob1_to_iob2(tags: Sequence[str]) -> list[str]:
                 tag = f"B-{kind}"
         out.append(tag)
     return out
+
+
+def confusion_matrix(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
+                     ) -> np.ndarray:
+    """counts[i, j]: examples of gold label i predicted as label j (labels in that order)."""
+    index = {label: i for i, label in enumerate(labels)}
+    counts = np.zeros((len(labels), len(labels)), np.int64)
+    for g, p in zip(gold, predicted, strict=True):
+        counts[index[g], index[p]] += 1
+    return counts
+

@@ -133,3 +133,56 @@ def plot_power_law(path: str, x: Sequence[float], y: Sequence[float], yerr: Sequ
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return a, alpha
+
+
+def plot_attention_grid(path: str, probs_NHLS: np.ndarray, tokens: Sequence[str], *,
+                        title: str = "") -> str:
+    """A layers x heads grid of attention maps (query rows, key columns), tokens on the
+    first column's and the last row's axes; written to `path`."""
+    plt = pyplot()
+    n, h, length, keys = probs_NHLS.shape
+    fig, axes = plt.subplots(n, h, figsize=(1.6 * h + 1, 1.6 * n + 1), squeeze=False)
+    ticks = np.arange(len(tokens))
+    for i in range(n):
+        for j in range(h):
+            ax = axes[i][j]
+            ax.imshow(probs_NHLS[i, j], vmin=0.0, vmax=1.0, cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(f"layer {i}", fontsize=8)
+            if i == 0:
+                ax.set_title(f"head {j}", fontsize=8)
+    if length <= 24:  # token names on the last row's keys and the first column's queries
+        for ax in axes[-1]:
+            ax.set_xticks(ticks[:keys], tokens[:keys], rotation=90, fontsize=5)
+        for row in axes:
+            row[0].set_yticks(ticks[:length], tokens[:length], fontsize=5)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(path: str, counts: np.ndarray, labels: Sequence[str], *,
+                   title: str = "") -> str:
+    """A confusion matrix (rows: gold, columns: predicted) with its counts written in."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(counts, cmap="Blues")
+    ticks = np.arange(len(labels))
+    ax.set_xticks(ticks, labels, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels)
+    ax.set(xlabel="predicted", ylabel="gold", title=title)
+    top = counts.max() if counts.size else 0
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center",
+                    color="white" if counts[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+

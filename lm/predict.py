@@ -49,6 +49,31 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, Any]:
     return objective, model, params
 
 
+def validation_predictions(workdir: str, step: int | None = None, limit: int = 0
+                           ) -> tuple[list[str], list[str], list[str]]:
+    """(gold labels, predicted labels, the run's labels) on a classification run's
+    validation split, re-read from its config's data the way training split it; `limit`
+    keeps the first N examples (0 = all)."""
+    from ml_collections import ConfigDict
+
+    from lm.data import labelled
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        data = ConfigDict(json.load(f)).data
+    examples = labelled.read_examples(data, data.path, "data.path")
+    if data.get("val_path", ""):
+        val = labelled.read_examples(data, data.val_path, "data.val_path")
+    else:
+        val = [examples[i] for i in labelled.split_examples(data, examples)[1]]
+    val = val[:limit] if limit else val
+    objective, model, params = load_run(workdir, step)
+    label_map = labelled.parse_label_map(data.get("label_map", ""))
+    gold = [label_map.get(ex.label, ex.label) for ex in val]
+    texts = [ex.text if ex.text_pair is None else f"{ex.text}\t{ex.text_pair}" for ex in val]
+    predicted = [line.split("\t", 1)[0] for line in objective.predict(model, params, texts)]
+    return gold, predicted, list(objective.labels)
+
+
 def read_texts(texts: list[str], files: list[str]) -> list[str]:
     out = list(texts)
     for name in files:

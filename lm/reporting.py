@@ -1,4 +1,5 @@
-"""Metrics out of a training run: JSONL + TensorBoard, throughput/MFU, console progress.
+"""Metrics out of a training run: JSONL + TensorBoard (+ optional Weights & Biases),
+throughput/MFU, console progress.
 
 Only process 0 writes files or logs; every other process gets no-op objects, so callers can
 use the same code on all hosts. `MetricsFetcher` implements the "fetch one step late" rule:
@@ -116,12 +117,59 @@ def write_config(workdir: str | os.PathLike[str], config_dict: Any) -> str | Non
     return path
 
 
+def _configured_wandb_project(workdir: str | os.PathLike[str]) -> str:
+    """`train.wandb_project` of the run's config.json ('' when absent or unreadable)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return str(json.load(f).get("train", {}).get("wandb_project", "") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+class WandbWriter:
+    """Scalars to a Weights & Biases run, one per workdir (id from the workdir's path, so a
+    resumed run continues the same W&B run); files under DIR/wandb. `WANDB_MODE=offline`
+    writes only locally (`wandb sync DIR/wandb/offline-run-*` uploads later)."""
+
+    def __init__(self, workdir: str | os.PathLike[str], project: str) -> None:
+        try:
+            import wandb  # noqa: PLC0415 (optional extra)
+        except ImportError:
+            raise ImportError("train.wandb_project is set but wandb is not installed "
+                              "(pip install -e '.[wandb]')") from None
+        import hashlib  # noqa: PLC0415
+
+        workdir = os.path.abspath(workdir)
+        config_path = os.path.join(workdir, "config.json")
+        config = {}
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+        os.makedirs(os.path.join(workdir, "wandb"), exist_ok=True)
+        self.run = wandb.init(
+            project=project, dir=workdir, name=os.path.basename(workdir), config=config,
+            id=hashlib.sha256(workdir.encode()).hexdigest()[:16], resume="allow",
+            settings=wandb.Settings(console="off", silent=True))
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        self.run.log(dict(values), step=int(step))
+
+    def flush(self) -> None:
+        pass  # wandb streams on its own
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricWriter:
-    """Scalars to DIR/metrics.jsonl (one object per `write`) and TensorBoard DIR/tb/.
+    """Scalars to DIR/metrics.jsonl (one object per `write`) and TensorBoard DIR/tb/, and to
+    Weights & Biases when a project is named.
 
     The JSONL file is appended to (a resumed run continues it) and flushed on every write.
     ``truncate_after``: on resume from step N, drop JSONL records with step > N first, so
-    steps re-run after the checkpoint are not listed twice. No-op on processes != 0.
+    steps re-run after the checkpoint are not listed twice. ``wandb_project``: None reads
+    `train.wandb_project` from DIR/config.json (the trainer writes it first); '' = no W&B.
+    No-op on processes != 0.
     """
 
     def __init__(
@@ -130,12 +178,18 @@ class MetricWriter:
         *,
         tensorboard: bool = True,
         truncate_after: int | None = None,
+        wandb_project: str | None = None,
     ) -> None:
         self.enabled = _is_writer()
         self._jsonl = None
         self._tb = None
+        self._wandb: WandbWriter | None = None
         if not self.enabled:
             return
+        if wandb_project is None:
+            wandb_project = _configured_wandb_project(workdir)
+        if wandb_project:
+            self._wandb = WandbWriter(workdir, wandb_project)
         os.makedirs(workdir, exist_ok=True)
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         if truncate_after is not None:
@@ -172,6 +226,8 @@ class MetricWriter:
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(name, value, global_step=int(step))
+        if self._wandb is not None:
+            self._wandb.write(step, values)
 
     def flush(self) -> None:
         if self._jsonl is not None:
@@ -186,6 +242,9 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __enter__(self) -> MetricWriter:
         return self

@@ -31,6 +31,7 @@ def load_run(workdir: str, step: int | None = None):
     from lm.data.tokenizers import load_tokenizer
     from lm.init_from import read_run_params
 
+    workdir = os.path.abspath(workdir)  # orbax needs absolute checkpoint paths
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--workdir: no config.json in {workdir}")

@@ -260,6 +260,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     fetcher = reporting.MetricsFetcher()
     preemption = Preemption(tc.preemption_sync_every)
     last: dict[str, float] = {}
+    decode_every = int(config.evals.get("decode_every", 0))
 
     def report(items: list[reporting.StepMetrics]) -> None:
         logged = [i for i in items if i.step % tc.log_every == 0 or i.step == tc.steps]
@@ -294,6 +295,9 @@ def _train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
             if step % tc.eval_every == 0 or step == tc.steps:
                 report(fetcher.flush())
                 eval_metrics = evaluate(state.params)
+                if decode_every and (step % decode_every == 0 or step == tc.steps):
+                    eval_metrics.update(setup.objective.generation_metrics(setup.model_cfg,
+                                                                           state.params))
                 writer.write(step, eval_metrics)
                 logging.info("step %d | %s", step, " | ".join(
                     f"{k} {v:.4f}" for k, v in eval_metrics.items()))

@@ -375,7 +375,8 @@ def test_build_lm_data_errors(tmp_path):
     path = _write(tmp_path / "c.txt", "abcdefgh" * 20)
     with pytest.raises(ValueError, match="data.tokenizer"):
         pipeline.build_lm_data(
-            _data_cfg(path=path, tokenizer="bpe"), workdir=workdir, seq_len=8, batch_size=2, seed=0
+            _data_cfg(path=path, tokenizer="morse"), workdir=workdir, seq_len=8, batch_size=2,
+            seed=0
         )
     with pytest.raises(ValueError, match="train.batch_size"):
         pipeline.build_lm_data(

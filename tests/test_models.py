@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from lm.models import masks as M
 from lm.models.attention import dot_product_attention
 from lm.models.config import ModelConfig
 from lm.models.heads import BertPretrainer, SequenceClassifier
+from lm.models.layers import Mlp
 from lm.models.presets import PRESETS, preset
 from lm.models.transformer import Decoder, Embedder, Encoder, EncoderDecoder, stack_layers
 
@@ -80,6 +82,57 @@ def test_attention_probabilities_are_returned_and_normalised():
     assert probs.shape == (2, 4, 12, 12)
     np.testing.assert_allclose(np.asarray(probs.sum(-1))[1, :, :7], 1.0, atol=1e-6)
     assert float(jnp.abs(jnp.triu(probs[0, 0], 1)).max()) == 0.0
+
+
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
+def test_unscaled_attention_is_scaled_attention_of_sqrt_k_times_the_query(impl):
+    """scale=1 (T5): softmax(q·k) V, no 1/sqrt(K)."""
+    rng = np.random.default_rng(1)
+    mask = _masks(rng)["padding"]
+    q, k, v = (rng.normal(size=(2, 12, 4, 8)).astype(np.float32) for _ in range(3))
+    out = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask,
+                                impl=impl, scale=1.0)
+    allowed = np.asarray(mask.allowed())
+    ref = reference_attention(q * np.sqrt(8), k, v, allowed)
+    rows = allowed.any(-1)[:, 0]
+    np.testing.assert_allclose(np.asarray(out)[rows], ref[rows], atol=2e-5, rtol=2e-5)
+
+
+def test_scale_attention_false_folds_the_scale_into_the_query():
+    """An EncoderDecoder without attention scaling computes the scaled model's function when
+    its query kernels are the scaled model's times sqrt(K), and its query init is already
+    1/sqrt(K) smaller (the logits start at the same size)."""
+    cfg = TINY.replace(position="relative", norm="rmsnorm", use_bias=False,
+                       scale_attention=False)
+    rng = np.random.default_rng(6)
+    src, tgt = (jnp.asarray(rng.integers(0, 61, (2, 9))) for _ in range(2))
+    params = EncoderDecoder(cfg).init(jax.random.key(0), src, tgt)["params"]
+    flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+    k = cfg.head_size
+    queries = [p for p in flat if p.endswith("query/kernel")]
+    assert len(queries) == 6  # encoder + decoder self + decoder cross
+    ratio = np.std(flat["encoder/layer_0/attention/query/kernel"]) / np.std(
+        flat["encoder/layer_0/attention/key/kernel"])
+    assert abs(ratio * np.sqrt(k) - 1) < 0.1, ratio
+    scaled = {p: v * np.sqrt(k) if p in queries else v for p, v in flat.items()}
+    scaled = traverse_util.unflatten_dict(scaled, sep="/")
+    ours = EncoderDecoder(cfg).apply({"params": params}, src, tgt)
+    ref = EncoderDecoder(cfg.replace(scale_attention=True)).apply({"params": scaled}, src, tgt)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-5)
+
+
+def test_geglu_tanh_is_tanh_gelu_gate_times_linear():
+    cfg = TINY.replace(activation="geglu_tanh", use_bias=False)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, 32)), jnp.float32)
+    params = nn.unbox(Mlp(cfg).init(jax.random.key(0), x)["params"])
+    p = {n: np.asarray(params[n]["kernel"]) for n in ("wi", "wi_up", "wo")}
+    xs = np.asarray(x, np.float64)
+    h = xs @ p["wi"]
+    gelu = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    want = (gelu * (xs @ p["wi_up"])) @ p["wo"]
+    np.testing.assert_allclose(np.asarray(Mlp(cfg).apply({"params": params}, x)), want,
+                               atol=1e-5, rtol=1e-5)
+    assert cfg.gated and cfg.matmul_params_per_layer() == 4 * 32 * 32 + 3 * 32 * 64
 
 
 # ---------------------------------------------------------------------- masks

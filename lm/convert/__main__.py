@@ -6,7 +6,8 @@
       use it with --config.init_from=DST.
   python -m lm.convert to-hf --workdir=RUN --out=DIR [--step=N] [--kind=CLASS]
       Exports a checkpoint of one of our runs (latest by default) as DIR/config.json +
-      DIR/model.safetensors (+ vocab.txt for WordPiece runs). CLASS: one of EXPORT_KINDS,
+      DIR/model.safetensors (+ vocab.txt for WordPiece runs, spiece.model for SentencePiece
+      runs exported as T5). CLASS: one of EXPORT_KINDS,
       inferred from the parameters when omitted.
 
 Errors are one line on stderr and exit code 1.
@@ -52,21 +53,25 @@ def from_hf_command(src: str, dst: str) -> str:
 
 
 def _token_table_rows(params: dict[str, Any]) -> int:
-    emb = params.get("encoder", params).get("embedder", {})
+    emb = params.get("embedder") or params.get("encoder", {}).get("embedder", {})
     if "token" not in emb:
         raise ValueError("the checkpoint has no embedder/token/embedding parameter")
     return int(emb["token"]["embedding"].shape[0])
 
 
-def _export_wordpiece(run_dir: str, out: str) -> str:
-    """vocab.txt + tokenizer_config.json when the run used a WordPiece tokenizer."""
+def _export_tokenizer(run_dir: str, out: str, kind: str) -> str:
+    """vocab.txt + tokenizer_config.json for a WordPiece run; spiece.model +
+    tokenizer_config.json (extra ids, special pieces) for a SentencePiece run exported as T5."""
     manifest_file = os.path.join(run_dir, "tokenizer", "tokenizer.json")
     if not os.path.isfile(manifest_file):
         return " (no tokenizer in the run)"
     with open(manifest_file) as f:
         manifest = json.load(f)
-    if manifest.get("kind") != "wordpiece":
-        return f" (a {manifest.get('kind')!r} tokenizer has no HF equivalent: not exported)"
+    tok_kind = manifest.get("kind")
+    if tok_kind == "sentencepiece" and kind.startswith("T5"):
+        return _export_t5_sentencepiece(os.path.join(run_dir, "tokenizer"), out)
+    if tok_kind != "wordpiece":
+        return f" (a {tok_kind!r} tokenizer has no {kind} equivalent: not exported)"
     from lm.data.wordpiece import WordPieceTokenizer
 
     tok = WordPieceTokenizer.load(os.path.join(run_dir, "tokenizer"))
@@ -76,6 +81,25 @@ def _export_wordpiece(run_dir: str, out: str) -> str:
         json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": tok.lowercase,
                    "strip_accents": tok.strip_accents}, f, indent=2)
     return " + vocab.txt"
+
+
+def _export_t5_sentencepiece(directory: str, out: str) -> str:
+    import shutil
+
+    import sentencepiece as spm
+
+    from lm.data.tokenizers import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer.load(directory)
+    with open(os.path.join(directory, tok.MODEL_FILE), "rb") as f:
+        sp = spm.SentencePieceProcessor(model_proto=f.read())
+    shutil.copyfile(os.path.join(directory, tok.MODEL_FILE), os.path.join(out, "spiece.model"))
+    pieces = {"pad_token": sp.pad_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id()}
+    config = {"tokenizer_class": "T5Tokenizer", "extra_ids": tok.extra_ids,
+              **{name: sp.id_to_piece(i) for name, i in pieces.items() if i >= 0}}
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return f" + spiece.model ({tok.extra_ids} extra ids)"
 
 
 def to_hf_command(workdir: str, out: str, step: int | None, kind: str | None) -> str:
@@ -93,7 +117,7 @@ def to_hf_command(workdir: str, out: str, step: int | None, kind: str | None) ->
     params = host_params(params)
     cfg = to_model_config(ConfigDict(config["model"]), vocab_size=_token_table_rows(params))
     kind = to_hf(cfg, params, out, kind)
-    note = _export_wordpiece(workdir, out)
+    note = _export_tokenizer(workdir, out, kind)
     return f"wrote {out}: step {step} of {workdir} as {kind}{note}"
 
 

@@ -15,18 +15,19 @@ from typing import Any
 import flax.linen as nn
 from absl import logging
 
-from lm.convert import files, hf_bert, hf_gpt2
+from lm.convert import files, hf_bert, hf_gpt2, hf_t5
 from lm.convert.layout import HFInfo
 from lm.models.config import ModelConfig
 from lm.models.transformer import unstack_layers
 
-_CONVERTERS = {"bert": hf_bert, "gpt2": hf_gpt2}
-EXPORT_KINDS = hf_bert.KINDS + hf_gpt2.KINDS
+_CONVERTERS = {"bert": hf_bert, "gpt2": hf_gpt2, "t5": hf_t5}
+EXPORT_KINDS = hf_bert.KINDS + hf_gpt2.KINDS + hf_t5.KINDS
 
 
 def from_hf(path: str) -> tuple[ModelConfig, dict[str, Any], HFInfo]:
     """Reads an HF model directory (BertModel / BertForPreTraining / BertForMaskedLM /
-    BertFor{Sequence,Token}Classification / GPT2Model / GPT2LMHeadModel).
+    BertFor{Sequence,Token}Classification / GPT2Model / GPT2LMHeadModel /
+    T5ForConditionalGeneration / T5EncoderModel).
 
     Returns our config, the params tree of `info.model_class` (numpy, loop layout) and
     `info` (see `HFInfo`; `info.build_model(cfg)` gives the matching Flax module).
@@ -52,6 +53,10 @@ def host_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def infer_kind(cfg: ModelConfig, params: Mapping[str, Any]) -> str:
     """The HF class that holds what `params` has (pooler-less classifiers -> token level)."""
+    if "decoder" in params:
+        return "T5ForConditionalGeneration"
+    if cfg.position == "relative" and "encoder" not in params:
+        return "T5EncoderModel"
     if "mlm" in params:
         return "BertForPreTraining" if "nsp_head" in params else "BertForMaskedLM"
     if "classifier" in params:
@@ -77,24 +82,47 @@ def to_hf(model_cfg: ModelConfig, params: Mapping[str, Any], out_dir: str,
         hf_cfg, tensors = hf_bert.params_to_hf(model_cfg, params, kind)
     elif kind in hf_gpt2.KINDS:
         hf_cfg, tensors = hf_gpt2.params_to_hf(model_cfg, params, kind)
+    elif kind in hf_t5.KINDS:
+        hf_cfg, tensors = hf_t5.params_to_hf(model_cfg, params, kind)
     else:
         raise ValueError(f"unknown export kind {kind!r}; known: {EXPORT_KINDS}")
     files.write_hf(out_dir, hf_cfg, tensors)
     return kind
 
 
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _t5_extra_ids(path: str, tc: Mapping[str, Any]) -> int:
+    """T5 sentinels: tokenizer_config's `extra_ids`, else the `<extra_id_N>` tokens it lists,
+    else 100 for a T5 model directory (transformers' default) and 0 otherwise."""
+    if "extra_ids" in tc:
+        return int(tc["extra_ids"])
+    listed = [t for key in ("additional_special_tokens", "extra_special_tokens")
+              for t in tc.get(key) or () if "<extra_id_" in str(t)]
+    if listed:
+        return len(listed)
+    return 100 if _read_json(os.path.join(path, files.HF_CONFIG)).get("model_type") == "t5" else 0
+
+
 def load_hf_tokenizer(path: str):
     """The tokenizer of an HF model directory, as one of ours: `vocab.txt` -> WordPiece
     (honouring do_lower_case / strip_accents of tokenizer_config.json), `vocab.json` +
-    `merges.txt` -> GPT-2 byte-level BPE."""
+    `merges.txt` -> GPT-2 byte-level BPE, `spiece.model` -> SentencePiece with T5's extra
+    ids (`<extra_id_0>` the last id)."""
+    tc = _read_json(os.path.join(path, "tokenizer_config.json"))
+    if os.path.isfile(os.path.join(path, "spiece.model")):
+        from lm.data.tokenizers import SentencePieceTokenizer
+
+        return SentencePieceTokenizer.from_model_file(os.path.join(path, "spiece.model"),
+                                                      _t5_extra_ids(path, tc))
     if os.path.isfile(os.path.join(path, "vocab.txt")):
         from lm.data.wordpiece import WordPieceTokenizer
 
-        tc: dict[str, Any] = {}
-        tc_file = os.path.join(path, "tokenizer_config.json")
-        if os.path.isfile(tc_file):
-            with open(tc_file) as f:
-                tc = json.load(f)
         return WordPieceTokenizer.from_vocab_file(
             os.path.join(path, "vocab.txt"), lowercase=tc.get("do_lower_case", True),
             strip_accents=tc.get("strip_accents"))
@@ -102,4 +130,5 @@ def load_hf_tokenizer(path: str):
         from lm.convert.gpt2_bpe import GPT2BPETokenizer
 
         return GPT2BPETokenizer.load(path)
-    raise FileNotFoundError(f"{path}: no vocab.txt or vocab.json + merges.txt tokenizer files")
+    raise FileNotFoundError(f"{path}: no spiece.model, vocab.txt or vocab.json + merges.txt "
+                            "tokenizer files")

@@ -1,6 +1,7 @@
-"""What a conversion produced (`HFInfo`) and the weight-layout rules shared by the BERT and
-GPT-2 converters: torch `Linear` [out, in] and GPT-2 `Conv1D` [in, out] versus our kernels
-([D, H, K] for query/key/value, [H, K, D] for the attention output, [in, out] otherwise)."""
+"""What a conversion produced (`HFInfo`) and the weight-layout rules shared by the BERT,
+GPT-2 and T5 converters: torch `Linear` [out, in] and GPT-2 `Conv1D` [in, out] versus our
+kernels ([D, H, K] for query/key/value, [H, K, D] for the attention output, [in, out]
+otherwise)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 
 from lm.models.config import ModelConfig
 
-MODEL_CLASSES = ("Encoder", "BertPretrainer", "SequenceClassifier", "TokenClassifier", "Decoder")
+MODEL_CLASSES = ("Encoder", "BertPretrainer", "SequenceClassifier", "TokenClassifier", "Decoder",
+                 "EncoderDecoder")
 
 # HF activation names -> ours (tanh-approximated GELUs all compute the same formula).
 ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -25,10 +27,11 @@ class HFInfo:
     """Which of our model classes a converted params tree belongs to.
 
     model_class: 'Encoder' | 'BertPretrainer' | 'SequenceClassifier' | 'TokenClassifier'
-    | 'Decoder'; `num_classes` for the classifiers, `nsp` for BertPretrainer (pooler + NSP
-    head present). `extras` holds converted weights the class has no place for, under our
-    path names (e.g. the pooler of a plain BertModel: `{'pooler': {'dense': ...}}`); init_from
-    offers them to models that have those paths. `unused` lists HF tensors not converted.
+    | 'Decoder' | 'EncoderDecoder'; `num_classes` for the classifiers, `nsp` for
+    BertPretrainer (pooler + NSP head present). `extras` holds converted weights the class
+    has no place for, under our path names (e.g. the pooler of a plain BertModel:
+    `{'pooler': {'dense': ...}}`); init_from offers them to models that have those paths.
+    `unused` lists HF tensors not converted.
     """
 
     model_class: str
@@ -46,6 +49,8 @@ class HFInfo:
             return transformer.Encoder(cfg)
         if self.model_class == "Decoder":
             return transformer.Decoder(cfg)
+        if self.model_class == "EncoderDecoder":
+            return transformer.EncoderDecoder(cfg)
         if self.model_class == "BertPretrainer":
             return heads.BertPretrainer(cfg, nsp=self.nsp)
         if self.model_class == "SequenceClassifier":

@@ -18,6 +18,7 @@ Batches are dicts of numpy arrays [rows, L] with rows = batch_size // process_co
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import tempfile
@@ -252,8 +253,13 @@ def make_train_iterator(
     process_index: int,
     process_count: int,
     worker_count: int = 0,
+    transforms: tuple[grain.transforms.Transformation, ...] = (),
 ) -> grain.DataLoaderIterator:
     """This process' training batches [batch_size // process_count, L], resumable exactly.
+
+    `transforms` run on each record before batching; a `grain.transforms.RandomMap` gets a
+    generator fixed by the seed and the record's position in the stream (new every epoch,
+    the same after a resume).
 
     Every process walks the same seeded global order and reads only its rows of each global
     batch (`GlobalBatchRows`), so the global batch, and hence training, does not depend on
@@ -277,7 +283,7 @@ def make_train_iterator(
         data_source=source,
         sampler=sampler,
         shard_options=grain.sharding.NoSharding(),  # the sampler yields only this process' rows
-        operations=[grain.transforms.Batch(rows, drop_remainder=True)],
+        operations=[*transforms, grain.transforms.Batch(rows, drop_remainder=True)],
         worker_count=worker_count,
         # A window costs ~10 us to cut: grain's default 16 reader threads with a 500-deep
         # prefetch cost more than they save (10 ms vs 2 ms per 32x512 batch on 2 vCPUs).
@@ -349,6 +355,11 @@ class LMData:
 
 def _open_splits(data_cfg: Any, data_dir: str) -> dict[str, sources_lib.TextSplit]:
     path, tfds_name = data_cfg.get("path", ""), data_cfg.get("tfds_name", "")
+    if not path and data_cfg.get("python_stdlib", False):
+        return sources_lib.load_python_stdlib(
+            include_tests=data_cfg.get("stdlib_tests", False),
+            val_fraction=data_cfg.get("val_fraction", 0.05),
+        )
     if not path and data_cfg.get("url", ""):
         path = sources_lib.fetch_url(data_cfg.url, data_cfg.get("sha256", ""))
     if path:
@@ -371,13 +382,26 @@ def _open_splits(data_cfg: Any, data_dir: str) -> dict[str, sources_lib.TextSpli
     )
 
 
-def _write_corpus(split: sources_lib.TextSplit, directory: str) -> str:
-    """The train split as a text file (capped) for tokenizer training; caller deletes it."""
+def _extra_texts(paths: str) -> Iterator[str]:
+    """Lines of the comma-separated `data.tokenizer_extra_corpus` files (.gz read too)."""
+    import gzip  # noqa: PLC0415
+
+    for path in filter(None, (p.strip() for p in paths.split(","))):
+        sources_lib.check_file(path, "data.tokenizer_extra_corpus")
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            yield from f
+
+
+def _write_corpus(split: sources_lib.TextSplit, directory: str, extra: str = "") -> str:
+    """The train split (+ `extra` files: text the vocabulary must also cover, such as a later
+    fine-tuning language) as a text file (capped) for tokenizer training; caller deletes it."""
     os.makedirs(directory, exist_ok=True)
     fd, path = tempfile.mkstemp(dir=directory, prefix=".corpus-", suffix=".txt")
     written = 0
+    texts = itertools.chain(split.texts(), _extra_texts(extra))
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        for text in split.texts():
+        for text in texts:
             if not split.joined and not text.endswith("\n"):
                 text += "\n"  # one document never shares a line with the next
             f.write(text[: TOKENIZER_CORPUS_MAX_CHARS - written])
@@ -394,9 +418,10 @@ def _get_tokenizer(data_cfg: Any, train: sources_lib.TextSplit, workdir: str) ->
     needs_corpus = (
         not os.path.exists(os.path.join(directory, tok_lib.MANIFEST))
         and not model_path
-        and kind in ("char", "sentencepiece", "wordpiece")
+        and kind in ("char", "bpe", "sentencepiece", "wordpiece")
     )
-    corpus = _write_corpus(train, os.path.join(workdir, "data")) if needs_corpus else None
+    extra = data_cfg.get("tokenizer_extra_corpus", "")
+    corpus = _write_corpus(train, os.path.join(workdir, "data"), extra) if needs_corpus else None
     try:
         return tok_lib.build_tokenizer(
             kind,

@@ -235,6 +235,80 @@ def load_local_text(
     }
 
 
+# ----------------------------------------------------------------------------- python stdlib
+
+# Folders of the standard library that hold its own tests (test/, tkinter/test/, idle_test/...).
+STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+# Installed third-party packages live below the stdlib folder too; they are not the stdlib.
+_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+def stdlib_root() -> str:
+    """The running interpreter's standard library folder (sysconfig's 'stdlib' path)."""
+    import sysconfig
+
+    return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_files(root: str, *, include_tests: bool = False) -> list[str]:
+    """Relative paths of the `.py` files under `root`, sorted; third-party packages and
+    (unless `include_tests`) the test folders left out."""
+    skip = _STDLIB_SKIP_DIRS if include_tests else _STDLIB_SKIP_DIRS | STDLIB_TEST_DIRS
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        rel = os.path.relpath(dirpath, root)
+        out.extend(os.path.normpath(os.path.join(rel, f)) for f in filenames if f.endswith(".py"))
+    return sorted(out)
+
+
+def is_validation_file(relpath: str, val_fraction: float) -> bool:
+    """The fixed split by file: a file is validation when the first 8 hex digits of the
+    sha256 of its relative path (with '/') fall below val_fraction; the same on every
+    machine and Python version that has the file."""
+    digest = hashlib.sha256(relpath.replace(os.sep, "/").encode()).hexdigest()
+    return int(digest[:8], 16) < val_fraction * 0x1_0000_0000
+
+
+def load_python_stdlib(
+    *, include_tests: bool = False, val_fraction: float = 0.05, root: str = ""
+) -> dict[str, TextSplit]:
+    """The standard library's Python source as documents, one per file, in path order.
+
+    Needs no download: every machine that runs `lm` has it. Files that are not UTF-8 (a few
+    deliberately broken test files) are skipped. Each document starts with a comment naming
+    its path (`# file: json/decoder.py`), so a model sees where one file ends and the next
+    begins; the pipeline separates documents with `</s>`.
+    """
+    root = root or stdlib_root()
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    splits: dict[str, list[dict[str, str]]] = {"train": [], "validation": []}
+    hashes = {"train": hashlib.sha256(), "validation": hashlib.sha256()}
+    for rel in stdlib_files(root, include_tests=include_tests):
+        with open(os.path.join(root, rel), "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if not text.strip():
+            continue  # empty __init__.py files carry nothing to learn
+        name = "validation" if is_validation_file(rel, val_fraction) else "train"
+        splits[name].append({"text": f"# file: {rel.replace(os.sep, '/')}\n{text}"})
+        hashes[name].update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+    for name, records in splits.items():
+        if not records:
+            raise ValueError(f"data.python_stdlib: no {name} files under {root} "
+                             f"(val_fraction={val_fraction})")
+    tag = "with_tests" if include_tests else "no_tests"
+    return {
+        name: TextSplit(records=records, text_key="text", joined=False,
+                        fingerprint=f"python_stdlib/{tag}/{hashes[name].hexdigest()[:16]}/{name}")
+        for name, records in splits.items()
+    }
+
+
 # ----------------------------------------------------------------------------- tfds catalogue
 
 

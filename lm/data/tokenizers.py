@@ -1,4 +1,5 @@
-"""Tokenizers behind one small protocol: char, byte and SentencePiece (WordPiece lives apart).
+"""Tokenizers behind one small protocol: char, byte, byte-level BPE and SentencePiece
+(WordPiece lives apart).
 
 Every tokenizer reserves the same seven special tokens at ids 0..6 ([PAD]=0, [UNK], [CLS], [SEP],
 [MASK], <s>, </s>) so objectives can rely on them across kinds. Raw text never produces a special
@@ -24,7 +25,7 @@ PAD_ID = 0
 UNK_ID = 1
 NUM_SPECIALS = len(SPECIAL_TOKENS)
 MANIFEST = "tokenizer.json"
-KINDS = ("char", "byte", "sentencepiece", "wordpiece")
+KINDS = ("char", "byte", "bpe", "sentencepiece", "wordpiece")
 # SentencePiece training samples at most this many lines: enough for a good vocab, bounded time.
 SPM_INPUT_SENTENCE_SIZE = 2_000_000
 
@@ -146,8 +147,93 @@ class ByteTokenizer:
         _write_manifest(directory, {"kind": self.kind, "vocab_size": self.vocab_size})
 
 
+class ByteBPETokenizer:
+    """Byte-level BPE trained with the `tokenizers` library (Rust): GPT-2's pre-tokenization
+    (a run of spaces or a newline plus indentation is one piece, which suits source code),
+    UTF-8 bytes as the base alphabet, so every text round-trips exactly.
+
+    Ids 0..6 are our special tokens, stored as plain vocabulary entries rather than "added
+    tokens": raw text can never produce them (a literal "[MASK]" is split into bytes).
+    """
+
+    kind = "bpe"
+    MODEL_FILE = "bpe.json"
+
+    def __init__(self, serialized: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._json = serialized
+        self._tok = HFTokenizer.from_str(serialized)
+        self.pad_id = PAD_ID
+        self.vocab_size = self._tok.get_vocab_size()
+        vocab = self._tok.get_vocab()
+        if any(vocab.get(t) != i for i, t in enumerate(SPECIAL_TOKENS)):
+            raise ValueError("ByteBPETokenizer: ids 0..6 must be lm's special tokens")
+
+    @classmethod
+    def train(cls, corpus_path: str, vocab_size: int) -> ByteBPETokenizer:
+        """Train on a UTF-8 file; fed in ~64 KiB pieces cut at line ends, so newlines and the
+        indentation after them are learnt together. Deterministic for a given file."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if not os.path.getsize(corpus_path):
+            raise ValueError(f"BPE: corpus file is empty: {corpus_path}")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=2, show_progress=False,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+        def pieces():
+            with open(corpus_path, encoding="utf-8", newline="") as f:
+                buf: list[str] = []
+                size = 0
+                for line in f:
+                    buf.append(line)
+                    size += len(line)
+                    if size >= 1 << 16:
+                        yield "".join(buf)
+                        buf, size = [], 0
+                if buf:
+                    yield "".join(buf)
+
+        tok.train_from_iterator(pieces(), trainer=trainer)
+        spec = json.loads(tok.to_str())
+        spec["added_tokens"] = []  # specials stay vocabulary entries that text never reaches
+        return cls(json.dumps(spec, ensure_ascii=False, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: str) -> ByteBPETokenizer:
+        manifest = _read_manifest(directory)
+        with open(os.path.join(directory, manifest["model"]), encoding="utf-8") as f:
+            return cls(f.read())
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(_drop_specials(ids), skip_special_tokens=False)
+
+    def special_id(self, token: str) -> int | None:
+        return SPECIAL_TOKENS.index(token) if token in SPECIAL_TOKENS else None
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        data = self._json.encode("utf-8")
+        _write_atomic(os.path.join(directory, self.MODEL_FILE), data)
+        _write_manifest(directory, {"kind": self.kind, "model": self.MODEL_FILE,
+                                    "vocab_size": self.vocab_size,
+                                    "sha256": hashlib.sha256(data).hexdigest()})
+
+
 class SentencePieceTokenizer:
     """SentencePiece model with lossless settings and our special-token layout.
+
+    `extra_ids` (T5) appends that many sentinel ids after the model's pieces, `<extra_id_0>`
+    being the last id; like every special id they come from `special_id`, never from text.
 
     Trained models use identity normalisation, keep whitespace as is, fall back to bytes for
     unseen characters and add no dummy prefix, so `decode(encode(a) + encode(b)) == a + b`
@@ -158,7 +244,7 @@ class SentencePieceTokenizer:
     kind = "sentencepiece"
     MODEL_FILE = "spm.model"
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, extra_ids: int = 0):
         import sentencepiece as spm
 
         self._proto = model_proto
@@ -168,15 +254,21 @@ class SentencePieceTokenizer:
                 f"SentencePiece model has pad_id={self._sp.pad_id()}; lm needs id 0 reserved "
                 "for padding (train with pad_id=0)"
             )
+        if extra_ids < 0:
+            raise ValueError(f"SentencePiece: extra_ids must be >= 0, got {extra_ids}")
+        pieces = self._sp.get_piece_size()
         self.pad_id = PAD_ID
-        self.vocab_size = self._sp.get_piece_size()
+        self.extra_ids = extra_ids
+        self.vocab_size = pieces + extra_ids
         self._specials = {
             t: i
             for t in SPECIAL_TOKENS
-            if (i := self._sp.piece_to_id(t)) < self.vocab_size and self._sp.id_to_piece(i) == t
+            if (i := self._sp.piece_to_id(t)) < pieces and self._sp.id_to_piece(i) == t
         }
+        # T5 sentinels after the pieces, counting down: <extra_id_0> is the last id.
+        self._specials |= {f"<extra_id_{j}>": self.vocab_size - 1 - j for j in range(extra_ids)}
         self._special_ids = frozenset(self._specials.values()) | {
-            i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)
+            i for i in range(pieces) if self._sp.is_control(i) or self._sp.is_unknown(i)
         }
 
     @classmethod
@@ -229,14 +321,15 @@ class SentencePieceTokenizer:
         return cls(model.SerializeToString(deterministic=True))
 
     @classmethod
-    def from_model_file(cls, model_path: str) -> SentencePieceTokenizer:
+    def from_model_file(cls, model_path: str, extra_ids: int = 0) -> SentencePieceTokenizer:
         with open(model_path, "rb") as f:
-            return cls(f.read())
+            return cls(f.read(), extra_ids)
 
     @classmethod
     def load(cls, directory: str) -> SentencePieceTokenizer:
         manifest = _read_manifest(directory)
-        return cls.from_model_file(os.path.join(directory, manifest["model"]))
+        return cls.from_model_file(os.path.join(directory, manifest["model"]),
+                                   manifest.get("extra_ids", 0))
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -250,15 +343,15 @@ class SentencePieceTokenizer:
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         _write_atomic(os.path.join(directory, self.MODEL_FILE), self._proto)
-        _write_manifest(
-            directory,
-            {
-                "kind": self.kind,
-                "model": self.MODEL_FILE,
-                "vocab_size": self.vocab_size,
-                "sha256": hashlib.sha256(self._proto).hexdigest(),
-            },
-        )
+        manifest = {
+            "kind": self.kind,
+            "model": self.MODEL_FILE,
+            "vocab_size": self.vocab_size,
+            "sha256": hashlib.sha256(self._proto).hexdigest(),
+        }
+        if self.extra_ids:  # only then: manifests (and data-cache keys) of others unchanged
+            manifest["extra_ids"] = self.extra_ids
+        _write_manifest(directory, manifest)
 
 
 def _check_kind(kind: str) -> None:
@@ -283,6 +376,8 @@ def load_tokenizer(directory: str) -> Tokenizer:
         return CharTokenizer.load(directory)
     if kind == "byte":
         return ByteTokenizer.load(directory)
+    if kind == "bpe":
+        return ByteBPETokenizer.load(directory)
     if kind == "sentencepiece":
         return SentencePieceTokenizer.load(directory)
     from lm.data.wordpiece import WordPieceTokenizer  # lazy: optional module
@@ -325,6 +420,9 @@ def build_tokenizer(
             raise FileNotFoundError(f"data.tokenizer_path: file not found: {model_path}")
         if kind == "sentencepiece":
             tok = SentencePieceTokenizer.from_model_file(model_path)
+        elif kind == "bpe":
+            with open(model_path, encoding="utf-8") as f:
+                tok = ByteBPETokenizer(f.read())
         elif kind == "wordpiece":
             from lm.data.wordpiece import WordPieceTokenizer
 
@@ -341,6 +439,8 @@ def build_tokenizer(
                 raise ValueError(f"data.vocab_size: a {kind!r} tokenizer needs vocab_size > 7")
             if kind == "sentencepiece":
                 tok = SentencePieceTokenizer.train(corpus_path, vocab_size)
+            elif kind == "bpe":
+                tok = ByteBPETokenizer.train(corpus_path, vocab_size)
             else:
                 from lm.data.wordpiece import WordPieceTokenizer
 

@@ -153,6 +153,43 @@ def results_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+def read_results_table(study_dir: str) -> tuple[str, list[dict[str, str | float]]]:
+    """(metric, rows) of a study's committed results.md, read back from `results_table`'s
+    markdown: each row has its setting columns (strings), 'mean', 'std' (nan for one seed),
+    'seeds' (int), 'best' (bool) and 'left_out' (string). For a fresh clone, where the runs
+    themselves live in a sweep directory on another machine."""
+    path = os.path.join(study_dir, "results.md")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no results.md (run python -m lm.experiment report)")
+    lines: list[str] = []
+    for ln in open(path, encoding="utf-8"):  # the first table only (analyses add more)
+        if ln.strip().startswith("|"):
+            lines.append(ln.strip())
+        elif lines:
+            break
+    if len(lines) < 3:
+        raise ValueError(f"{path}: no results table")
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    value_col = next((i for i, c in enumerate(head) if c.endswith("mean ± std)")), None)
+    if value_col is None:
+        raise ValueError(f"{path}: no 'mean ± std' column in {head}")
+    metric = head[value_col].split(" (")[0]
+    rows = []
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        row: dict[str, str | float] = dict(zip(head[:value_col], cells[:value_col],
+                                               strict=True))
+        cell = cells[value_col]
+        row["best"] = "(best)" in cell
+        numbers = re.findall(r"[-+]?\d+(?:\.\d+)?|–", cell.replace("**", ""))
+        row["mean"], row["std"] = (float("nan") if x == "–" else float(x)
+                                   for x in (numbers + ["–", "–"])[:2])
+        row["seeds"] = int(cells[value_col + 1])
+        row["left_out"] = cells[value_col + 2] if len(cells) > value_col + 2 else ""
+        rows.append(row)
+    return metric, rows
+
+
 # ----------------------------------------------------------------------- plots
 
 

@@ -33,8 +33,10 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     return_probs: bool = False,
+    scale: float | None = None,
 ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
-    """Attention over G key/value heads shared by H // G query heads each.
+    """Attention over G key/value heads shared by H // G query heads each; the logits are
+    q·k times `scale` (None: 1/sqrt(K); T5 uses 1).
 
     Rows whose every key is masked (padding queries) produce an unspecified but finite
     output; callers ignore them.
@@ -45,10 +47,12 @@ def dot_product_attention(
         raise ValueError(f"{h} query heads are not a multiple of {g} key/value heads")
     dropout = dropout_rate > 0 and dropout_rng is not None
     if impl != "einsum" and not return_probs and not dropout:
-        return _fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS, impl)
+        return _fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS, impl, scale)
 
     r = h // g
-    q_BLGRK = q_BLHK.reshape(b, length, g, r, k) * jnp.asarray(k**-0.5, q_BLHK.dtype)
+    q_BLGRK = q_BLHK.reshape(b, length, g, r, k)
+    if scale != 1.0:
+        q_BLGRK = q_BLGRK * jnp.asarray(k**-0.5 if scale is None else scale, q_BLHK.dtype)
     logits_BGRLS = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK,
                               preferred_element_type=jnp.float32)
     if bias_BHLS is not None:
@@ -67,7 +71,8 @@ def dot_product_attention(
     return out_BLHK
 
 
-def _fused_attention(q, k, v, mask: Mask | None, bias, impl: str) -> jnp.ndarray:
+def _fused_attention(q, k, v, mask: Mask | None, bias, impl: str, scale: float | None
+                     ) -> jnp.ndarray:
     kwargs: dict = {}
     if mask is not None:
         simple = impl == "cudnn" and not mask.packed and mask.kv_prefix is None
@@ -80,7 +85,7 @@ def _fused_attention(q, k, v, mask: Mask | None, bias, impl: str) -> jnp.ndarray
             kwargs["mask"] = mask.allowed()
     if bias is not None:
         kwargs["bias"] = bias.astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl, **kwargs)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl, **kwargs)
 
 
 def _dense(cfg: ModelConfig, features: int | tuple[int, ...], axes: tuple[str, ...], name: str,
@@ -120,7 +125,9 @@ class Attention(nn.Module):
                  bias_BHLS: jnp.ndarray | None = None, deterministic: bool = True):
         cfg = self.cfg
         h, g, k = cfg.num_heads, cfg.kv_heads, cfg.head_size
-        q_BLHK = _dense(cfg, (h, k), ("embed", "heads", "kv"), "query")(x_BLD)
+        # Without run-time scaling (T5) the query init carries the 1/sqrt(K).
+        q_scale = 1.0 if cfg.scale_attention else k**-0.5
+        q_BLHK = _dense(cfg, (h, k), ("embed", "heads", "kv"), "query", init_scale=q_scale)(x_BLD)
         source = x_BLD if kv_BSD is None else kv_BSD
         k_BSGK = _dense(cfg, (g, k), ("embed", "heads", "kv"), "key")(source)
         v_BSGK = _dense(cfg, (g, k), ("embed", "heads", "kv"), "value")(source)
@@ -140,7 +147,8 @@ class Attention(nn.Module):
             rng = self.make_rng("dropout")
         result = dot_product_attention(
             q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS=bias_BHLS, impl=cfg.attention_impl,
-            dropout_rate=cfg.attention_dropout_rate, dropout_rng=rng, return_probs=return_probs)
+            dropout_rate=cfg.attention_dropout_rate, dropout_rng=rng, return_probs=return_probs,
+            scale=None if cfg.scale_attention else 1.0)
         out_BLHK, probs = result if return_probs else (result, None)
         if return_probs:
             self.sow("intermediates", "attention_probs", probs)

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 
 Position = Literal["learned", "sinusoidal", "rope", "relative", "none"]
 Norm = Literal["layernorm", "rmsnorm"]
-Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu", "geglu_tanh"]
+# Gated MLPs: act(x W) * (x W_up). geglu_tanh: the tanh-approximated GELU (T5 v1.1 "gated-gelu").
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 AttentionImpl = Literal["einsum", "xla", "cudnn"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
 
@@ -51,6 +53,9 @@ class ModelConfig:
     # Vaswani et al.: token embeddings times sqrt(d_model) at the input, so that N(0, 0.02)
     # embeddings are not drowned by unit-amplitude sinusoidal positions
     scale_embeddings: bool = False
+    # softmax(q·k / sqrt(K)). False (T5): no scaling at run time; 1/sqrt(K) is folded into
+    # the query kernel's init instead, so the logits start at the same size.
+    scale_attention: bool = True
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     attention_impl: AttentionImpl = "einsum"
@@ -88,6 +93,10 @@ class ModelConfig:
                 jnp.dtype(getattr(self, name))
             except TypeError:
                 bad(name, f"unknown dtype {getattr(self, name)!r}")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
 
     @property
     def kv_heads(self) -> int:
@@ -131,7 +140,7 @@ class ModelConfig:
         """Weights touched by one matmul per token in one block (no norms, no biases)."""
         d, hk, gk = self.d_model, self.num_heads * self.head_size, self.kv_heads * self.head_size
         attn = 2 * d * hk + 2 * d * gk
-        mlp = (3 if self.activation in ("swiglu", "geglu") else 2) * d * self.mlp_dim
+        mlp = (3 if self.gated else 2) * d * self.mlp_dim
         return attn * (2 if cross_attention else 1) + mlp
 
     def flops_per_token(self, seq_len: int, *, kind: str = "decoder", vocab_fraction: float = 1.0

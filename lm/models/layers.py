@@ -116,7 +116,7 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 def activation(name: str, x: jnp.ndarray) -> jnp.ndarray:
     if name in ("gelu", "geglu"):
         return gelu(x)
-    if name == "gelu_tanh":
+    if name in ("gelu_tanh", "geglu_tanh"):
         return jax.nn.gelu(x, approximate=True)
     if name == "swiglu":
         return jax.nn.silu(x)
@@ -160,7 +160,7 @@ class Mlp(nn.Module):
         cfg = self.cfg
         h_BLF = Dense(cfg, cfg.mlp_dim, ("embed", "mlp"), name="wi")(x_BLD)
         h_BLF = activation(cfg.activation, h_BLF)
-        if cfg.activation in ("swiglu", "geglu"):
+        if cfg.gated:
             h_BLF = h_BLF * Dense(cfg, cfg.mlp_dim, ("embed", "mlp"), name="wi_up")(x_BLD)
         h_BLF = constrain(h_BLF, ("batch", "length", "act_mlp"))
         h_BLF = nn.Dropout(cfg.dropout_rate)(h_BLF, deterministic=deterministic)

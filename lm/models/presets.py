@@ -4,7 +4,9 @@ Parameter counts (tests/test_models.py checks them exactly, with tied weights co
 once): BERT-base 109,482,240 and BERT-large 335,141,888 (encoder + pooler, as the
 "110M / 340M" of Devlin et al.); GPT-2 small 124,439,808 and medium 354,823,168 (output
 projection tied to the token embedding); T5-small 60,506,624 (one embedding shared by
-encoder, decoder and output).
+encoder, decoder and output). The T5 shapes are T5 v1.0 exactly (no 1/sqrt(K) attention
+scaling, tied output scaled by d_model**-0.5), so they export to Hugging Face's T5; v1.1 is
+`activation="geglu_tanh", tie_embeddings=False, scale_tied_logits=False`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ _GPT2 = dict(vocab_size=50257, max_len=1024, position="learned", norm="layernorm
              attention_dropout_rate=0.1)
 _T5 = dict(vocab_size=32128, max_len=512, position="relative", norm="rmsnorm", norm_eps=1e-6,
            activation="relu", pre_norm=True, use_bias=False, scale_tied_logits=True,
-           dropout_rate=0.1, head_dim=64, init_std=0.05)
+           scale_attention=False, dropout_rate=0.1, head_dim=64, init_std=0.05)
 _LLAMA = dict(vocab_size=32000, max_len=2048, position="rope", norm="rmsnorm", norm_eps=1e-5,
               activation="swiglu", pre_norm=True, use_bias=False, tie_embeddings=False)
 

@@ -179,9 +179,12 @@ class Decoder(nn.Module):
             if enc_seg is None:
                 enc_seg = jnp.ones(encoded_BSD.shape[:2], jnp.int32)
             enc_pos = jnp.zeros_like(enc_seg)  # unused by cross-attention
-            cross_mask = masks_lib.cross_mask(
-                (segment_ids != 0).astype(jnp.int32), (enc_seg != 0).astype(jnp.int32),
-                positions, enc_pos)
+            # Both sides number packed pairs alike (pair k is segment k on each side), and
+            # an unpacked or cached decoder is segment 1 against encoder segment 1: matching
+            # segments keeps every pair's cross-attention inside the pair.
+            cross_mask = masks_lib.cross_mask(segment_ids.astype(jnp.int32),
+                                              enc_seg.astype(jnp.int32), positions, enc_pos,
+                                              same_segment=True)
         embedder = self.embedder or Embedder(cfg, name="embedder")
         x_BLD = embedder(ids_BL, positions, None, deterministic)
         bias = _relative_bias(cfg, mask, False, "relative_bias")

@@ -13,6 +13,9 @@ OBJECTIVES = {
     "bert": "lm.objectives.bert:BertPretraining",
     "classification": "lm.objectives.classification:Classification",
     "tagging": "lm.objectives.tagging:Tagging",
+    "seq2seq": "lm.objectives.seq2seq:Seq2Seq",
+    "span_corruption": "lm.objectives.span_corruption:SpanCorruption",
+    "prefix_lm": "lm.objectives.span_corruption:PrefixLM",
 }
 
 

@@ -83,6 +83,11 @@ class Objective(abc.ABC):
         """Model fields decided by the data (e.g. vocab size from the tokenizer)."""
         return {}
 
+    def generation_metrics(self, model_cfg: ModelConfig, params: Any) -> dict[str, float]:
+        """Scores of generated outputs ({'eval/bleu': ...}), computed every
+        `evals.decode_every` steps; objectives that generate nothing return {}."""
+        return {}
+
     # {token-level cross-entropy metric: the name its perplexity is reported under}.
     perplexities: dict[str, str] = {}
 
