@@ -103,7 +103,7 @@ def main() -> None:
     from torch.nn import functional as F
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores `taskset` allows
     text = open(args.data, encoding="utf-8").read()
     chars = sorted(set(text))
     index = {c: i for i, c in enumerate(chars)}

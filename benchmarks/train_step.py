@@ -35,6 +35,7 @@ from ml_collections import ConfigDict
 from lm import optim, reporting, sharding, train
 from lm.config_base import base_config, model_config, to_model_config
 from lm.objectives import get as get_objective
+from lm.runtime import cpu_flags
 
 SHAPE = dict(layers=4, width=256, heads=4, seq=128, batch=16)
 CHAR_SHAPE = dict(layers=4, width=128, heads=4, seq=64, batch=12)
@@ -108,11 +109,19 @@ def _config_file(name: str, variant: str) -> ConfigDict:
                  ).get_config(variant)
 
 
-def our_step(kind: str, dtype: str, **model_opts):
+def our_step(kind: str, dtype: str, steps_per_call: int = 1, **model_opts):
     """A no-argument function running our real jitted train step once, on one device."""
-    config = our_config(kind, dtype, **model_opts)
+    return step_on_one_device(our_config(kind, dtype, **model_opts), SHAPE["batch"],
+                              steps_per_call)
+
+
+def step_on_one_device(config: ConfigDict, batch_size: int, steps_per_call: int = 1):
+    """A no-argument function running `steps_per_call` optimizer steps of `config`'s real
+    jitted train step (one compiled call) on one device, on a fixed random batch of
+    `config.data.seq_len` tokens (MLM: `data.max_predictions` real predictions per row)."""
     objective = get_objective(config)
     model_cfg = to_model_config(config.model)
+    vocab, seq = model_cfg.vocab_size, config.data.seq_len
     model = objective.build_model(model_cfg)
     mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
     tx, lr = optim.build(config.optim, 1000)
@@ -120,25 +129,26 @@ def our_step(kind: str, dtype: str, **model_opts):
         config, objective, model, tx, mesh, sharding.get_rules("dp"))
     setup = train.Setup(objective, model, model_cfg, None, mesh, tx, lr, state_sharding,
                         init_state)
-    step = train.make_train_step(setup, 1)
+    step = train.make_train_step(setup, 1, steps_per_call)
     rng = np.random.default_rng(0)
-    batch = objective.dummy_batch(SHAPE["batch"])
+    batch = objective.dummy_batch(batch_size)
     for key in ("inputs", "targets", "input_ids"):
         if key in batch:
-            batch[key] = rng.integers(5, VOCAB[kind], batch[key].shape).astype(np.int32)
-    if "masked_positions" in batch:  # 20 real predictions per row, random NSP labels
+            batch[key] = rng.integers(5, vocab, batch[key].shape).astype(np.int32)
+    if "masked_positions" in batch:  # real predictions in every row, random NSP labels
+        predictions = batch["masked_positions"].shape[1]
         batch["masked_positions"] = np.sort(np.stack([
-            rng.choice(np.arange(1, SHAPE["seq"]), PREDICTIONS, replace=False)
-            for _ in range(SHAPE["batch"])]), axis=1).astype(np.int32)
-        batch["masked_ids"] = rng.integers(5, VOCAB[kind], batch["masked_ids"].shape,
-                                           dtype=np.int32)
+            rng.choice(np.arange(1, seq), predictions, replace=False)
+            for _ in range(batch_size)]), axis=1).astype(np.int32)
+        batch["masked_ids"] = rng.integers(5, vocab, batch["masked_ids"].shape, dtype=np.int32)
         batch["masked_weights"] = np.ones_like(batch["masked_weights"])
         batch["nsp_label"] = rng.integers(0, 2, batch["nsp_label"].shape, dtype=np.int32)
     batch = sharding.shard_batch(batch, mesh)
+    batches = batch if steps_per_call == 1 else (batch,) * steps_per_call
     holder = {"state": init_state()}
 
     def run():
-        holder["state"], metrics = step(holder["state"], batch)
+        holder["state"], metrics = step(holder["state"], batches)
         return metrics
 
     jax.block_until_ready(run())
@@ -209,11 +219,13 @@ def _char_peer_step():
     return run
 
 
-def timed(fn, steps: int) -> float:
-    t0 = time.perf_counter()
+def timed(fn, steps: int) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) per call. On a shared machine the CPU
+    time is the steadier figure: time spent descheduled does not count."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         fn()
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
 def main() -> None:
@@ -234,6 +246,8 @@ def main() -> None:
     p.add_argument("--attention_impl", default="einsum", help="einsum | xla | cudnn")
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true")
+    p.add_argument("--steps_per_call", type=int, default=1,
+                   help="our optimizer steps per compiled call (train.steps_per_call)")
     p.add_argument("--loss_chunk", type=int, default=None,
                    help="tokens per fused projection + loss chunk (default: the config's); "
                         "-1 = materialised logits")
@@ -247,7 +261,7 @@ def main() -> None:
     if "hf" in sides:
         import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores `taskset` allows
     tokens = SHAPE["batch"] * SHAPE["seq"]
     n = 8192 if jax.devices()[0].platform == "gpu" else 2048
     ceiling = {d: gemm_ceiling(d, n) for d in ("float32", args.dtype)}
@@ -260,36 +274,49 @@ def main() -> None:
     if "lm" in sides:
         fns["lm"] = our_step(args.model, args.dtype, preset=args.preset,
                              attention_impl=args.attention_impl, remat=args.remat,
-                             scan=args.scan, loss_chunk=args.loss_chunk)
+                             scan=args.scan, loss_chunk=args.loss_chunk,
+                             steps_per_call=args.steps_per_call)
     if "hf" in sides:
         fns["hf"] = hf_step(args.model)
     times: dict[str, list[float]] = {"lm": [], "hf": []}
+    cpu_times: dict[str, list[float]] = {"lm": [], "hf": []}
     for r in range(args.rounds):
         for impl, fn in fns.items():
-            t = timed(fn, args.steps)
+            k = args.steps_per_call if impl == "lm" else 1
+            t, cpu = (x / k for x in timed(fn, max(1, args.steps // k)))  # per step
             times[impl].append(t)
+            cpu_times[impl].append(cpu)
             gflops = flops_per_token * tokens / t / 1e9
             dtype = args.dtype if impl == "lm" else "float32"
             print(json.dumps({
                 "what": f"train_step_{args.model}", "impl": impl, "round": r, "dtype": dtype,
                 "config": SHAPE | {"vocab": VOCAB[args.model], "preset": args.preset,
                                "attention": args.attention_impl, "remat": args.remat,
-                               "loss_chunk": args.loss_chunk},
-                "step_time_s": round(t, 4), "tokens_per_sec": round(tokens / t, 1),
+                               "loss_chunk": args.loss_chunk,
+                               "steps_per_call": args.steps_per_call if impl == "lm" else 1},
+                "step_time_s": round(t, 4), "step_cpu_s": round(cpu, 4),
+                "tokens_per_sec": round(tokens / t, 1),
                 "model_gflops_per_s": round(gflops, 1),
                 "mfu_vs_gemm_ceiling": round(gflops / ceiling[dtype], 3),
                 **({"mfu_vs_device_peak": round(gflops * 1e9 / peak, 3)}
                    if peak and impl == "lm" else {}),
-                "peak_rss_mb": round(peak_rss_mb(), 1)}), flush=True)
-    print_ratio(args, times)
+                "peak_rss_mb": round(peak_rss_mb(), 1), "cpu_flags": cpu_flags()}), flush=True)
+    print_ratio(args, times, cpu_times)
 
 
-def print_ratio(args, times: dict[str, list[float]]) -> None:
+def print_ratio(args, times: dict[str, list[float]], cpu_times: dict[str, list[float]]
+                ) -> None:
+    """Median wall-time ratio (and the CPU-time one, steadier on a shared machine)."""
     if times["hf"] and times["lm"]:
         ratio = float(np.median(times["hf"]) / np.median(times["lm"]))
+        cpu = float(np.median(cpu_times["hf"]) / np.median(cpu_times["lm"]))
         print(json.dumps({"what": f"ratio_{args.model}", "dtype": args.dtype,
-                          "isolated": args.isolate,
-                          "lm_over_hf_tokens_per_sec": round(ratio, 2)}), flush=True)
+                          "isolated": args.isolate, "rounds": len(times["lm"]),
+                          "steps_per_call": args.steps_per_call,
+                          "lm_over_hf_tokens_per_sec": round(ratio, 2),
+                          "lm_over_hf_by_cpu_time": round(cpu, 2),
+                          "load_average": os.getloadavg()[0], "cpu_flags": cpu_flags()}),
+              flush=True)
 
 
 def isolated(args) -> None:
@@ -299,6 +326,7 @@ def isolated(args) -> None:
 
     argv = [*sys.argv[1:], "--rounds", "1"]  # the last --rounds wins
     times: dict[str, list[float]] = {"lm": [], "hf": []}
+    cpu_times: dict[str, list[float]] = {"lm": [], "hf": []}
     for r in range(args.rounds):
         for impl in ["lm"] + ([] if args.no_hf else ["hf"]):
             out = subprocess.run([sys.executable, __file__, *argv, "--only", impl],
@@ -309,8 +337,9 @@ def isolated(args) -> None:
                 record = json.loads(line) | {"round": r, "process": impl}
                 if record["what"].startswith("train_step_"):
                     times[impl].append(record["step_time_s"])
+                    cpu_times[impl].append(record["step_cpu_s"])
                 print(json.dumps(record), flush=True)  # incl. each process's GEMM ceiling
-    print_ratio(args, times)
+    print_ratio(args, times, cpu_times)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,13 @@ def base_config() -> ConfigDict:
         # a jax.profiler trace of steps [profile_start, profile_start + profile_steps) into
         # WORKDIR/profile (xprof / TensorBoard's profile plugin); 0 steps = off
         profile_start=0, profile_steps=0,
+        # optimizer steps per compiled call (lax.scan over that many batches); every step is
+        # still logged, and calls end on eval / checkpoint steps (see lm/train.py)
+        steps_per_call=1,
         # a Weights & Biases project to log to as well ('' = none; `pip install -e .[wandb]`)
         wandb_project=""))
-    c.evals = ConfigDict(dict(max_batches=0))  # 0 = the whole validation split
+    # max_batches: 0 = the whole validation split; batch_size: 0 = train.batch_size
+    c.evals = ConfigDict(dict(max_batches=0, batch_size=0))
     c.init_from = ""
     return c
 

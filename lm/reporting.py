@@ -395,34 +395,40 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MetricsFetcher:
-    """Read metrics one step late so the host never blocks on the step it just dispatched.
+    """Read metrics one call late so the host never blocks on the step it just dispatched.
 
-    ``push(step, device_metrics)`` keeps this step's (still computing) arrays, starts their
-    device-to-host copy, and returns the previous push as floats, or None on the first push.
-    Nested dicts are flattened with '/' ("grad/norm"). `flush` returns the pending one.
+    ``push(step, device_metrics, count)`` keeps this call's (still computing) arrays, starts
+    their device-to-host copy, and returns the previous push as a list of StepMetrics (empty
+    on the first push). A call of ``count`` > 1 steps has metrics with a leading axis of
+    ``count`` for steps ``step - count + 1 .. step``. Nested dicts are flattened with '/'
+    ("grad/norm"). `flush` returns the pending push.
     """
 
     def __init__(self) -> None:
-        self._pending: tuple[int, dict[str, Any]] | None = None
+        self._pending: tuple[int, int, dict[str, Any]] | None = None
 
-    def push(self, step: int, metrics: Mapping[str, Any]) -> StepMetrics | None:
+    def push(self, step: int, metrics: Mapping[str, Any], count: int = 1
+             ) -> list[StepMetrics]:
         flat = _flatten(metrics)
         for value in flat.values():
             copy = getattr(value, "copy_to_host_async", None)
             if copy is not None:
                 copy()  # non-blocking; overlaps the transfer with the next step
-        previous, self._pending = self._pending, (int(step), flat)
-        return None if previous is None else self._fetch(previous)
+        previous, self._pending = self._pending, (int(step), int(count), flat)
+        return [] if previous is None else self._fetch(previous)
 
-    def flush(self) -> StepMetrics | None:
+    def flush(self) -> list[StepMetrics]:
         previous, self._pending = self._pending, None
-        return None if previous is None else self._fetch(previous)
+        return [] if previous is None else self._fetch(previous)
 
     @staticmethod
-    def _fetch(item: tuple[int, dict[str, Any]]) -> StepMetrics:
-        step, flat = item
-        host = jax.device_get(flat)
-        return StepMetrics(step, {k: float(np.asarray(v)) for k, v in host.items()})
+    def _fetch(item: tuple[int, int, dict[str, Any]]) -> list[StepMetrics]:
+        step, count, flat = item
+        host = {k: np.asarray(v) for k, v in jax.device_get(flat).items()}
+        if count == 1:
+            return [StepMetrics(step, {k: float(v) for k, v in host.items()})]
+        return [StepMetrics(step - count + 1 + i, {k: float(v[i]) for k, v in host.items()})
+                for i in range(count)]
 
 
 class Profiler:
@@ -436,8 +442,10 @@ class Profiler:
         self.enabled = steps > 0
         self.active = False
 
-    def before(self, step: int) -> None:
-        if self.enabled and step == max(self.first, 1) and not self.active:
+    def before(self, first: int, last: int | None = None) -> None:
+        """Ahead of dispatching the call that runs steps first..last (default: first)."""
+        start = max(self.first, 1)
+        if self.enabled and not self.active and first <= start <= (last or first):
             jax.profiler.start_trace(self.dir)
             self.active = True
 

@@ -40,3 +40,19 @@ def configure_xla(env: MutableMapping[str, str] = os.environ,
     if added:
         env["XLA_FLAGS"] = " ".join([flags, *added]).strip()
     return added
+
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> list[str]:
+    """This CPU's vector, bf16 and AMX feature flags (of CPU_FEATURES) from /proc/cpuinfo;
+    empty where the file is absent. bf16 matmuls beat fp32 on the CPU only with
+    avx512_bf16 / amx_bf16, so benchmarks print these beside every number."""
+    try:
+        with open(path) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in CPU_FEATURES if f in flags]

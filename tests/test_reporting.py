@@ -184,11 +184,18 @@ def test_format_count():
 def test_metrics_fetcher_is_one_step_late():
     fetcher = reporting.MetricsFetcher()
     step_fn = jax.jit(lambda x: {"loss": x * 2.0, "grad": {"norm": x + 1.0}})
-    assert fetcher.push(1, step_fn(jnp.float32(1.0))) is None
-    got = fetcher.push(2, step_fn(jnp.float32(2.0)))
+    assert fetcher.push(1, step_fn(jnp.float32(1.0))) == []
+    [got] = fetcher.push(2, step_fn(jnp.float32(2.0)))
     assert got == reporting.StepMetrics(1, {"loss": 2.0, "grad/norm": 2.0})
     assert all(type(v) is float for v in got.metrics.values())
-    got = fetcher.flush()
+    [got] = fetcher.flush()
     assert got.step == 2 and got.metrics == {"loss": 4.0, "grad/norm": 3.0}
-    assert fetcher.flush() is None
-    assert fetcher.push(3, {"loss": jnp.float32(0.5)}) is None  # restarts after a flush
+    assert fetcher.flush() == []
+    assert fetcher.push(3, {"loss": jnp.float32(0.5)}) == []  # restarts after a flush
+
+
+def test_metrics_fetcher_unstacks_a_call_of_several_steps():
+    fetcher = reporting.MetricsFetcher()
+    assert fetcher.push(7, {"loss": jnp.array([1.0, 2.0, 3.0])}, count=3) == []
+    got = fetcher.flush()
+    assert [(m.step, m.metrics["loss"]) for m in got] == [(5, 1.0), (6, 2.0), (7, 3.0)]

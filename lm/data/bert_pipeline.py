@@ -438,7 +438,8 @@ class BertData:
 
 
 def build_bert_data(opts: BertDataOptions, *, workdir: str, batch_size: int, seed: int,
-                    process_index: int = 0, process_count: int = 1) -> BertData:
+                    process_index: int = 0, process_count: int = 1,
+                    eval_batch_size: int | None = None) -> BertData:
     """Files -> tokenizer (workdir/tokenizer/) -> pairs (cached in workdir/data/bert/) ->
     train iterator (masks from `seed`) and evaluation batches (static masks)."""
     check_file(opts.path, "data.path")
@@ -467,6 +468,7 @@ def build_bert_data(opts: BertDataOptions, *, workdir: str, batch_size: int, see
         len(pairs["validation"]))
 
     def eval_batches() -> BertEvalBatches:
-        return BertEvalBatches(eval_source, order, batch_size, process_index, process_count)
+        return BertEvalBatches(eval_source, order, eval_batch_size or batch_size,
+                               process_index, process_count)
 
     return BertData(tokenizer, train_iter, eval_batches, train_source, eval_source)

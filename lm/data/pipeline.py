@@ -444,12 +444,14 @@ def build_lm_data(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    eval_batch_size: int | None = None,
 ) -> LMData:
     """Sources -> tokenizer (workdir/tokenizer/) -> cached tokens -> windows -> iterators.
 
     `data_cfg` is the config's `data` ConfigDict (path, val_path, val_fraction, tfds_name,
     tfds_data_dir, text_key, tokenizer, vocab_size, tokenizer_path, pack, worker_count,
-    eval_max_batches; optional doc_separator). Prepared data and token caches go to
+    eval_max_batches; optional doc_separator); evaluation batches have `eval_batch_size`
+    rows (default: `batch_size`). Prepared data and token caches go to
     workdir/data/; running again reuses all of it.
     """
     pack = data_cfg.get("pack", "chunk")
@@ -486,7 +488,7 @@ def build_lm_data(
     def eval_batches() -> EvalBatches:
         return make_eval_batches(
             windows["validation"],
-            batch_size=batch_size,
+            batch_size=eval_batch_size or batch_size,
             max_batches=max_batches,
             process_index=process_index,
             process_count=process_count,

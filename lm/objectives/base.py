@@ -44,6 +44,13 @@ class Objective(abc.ABC):
     def __init__(self, config: ConfigDict):
         self.config = config
 
+    @property
+    def eval_batch_size(self) -> int:
+        """Rows per evaluation batch: `evals.batch_size`, 0 = the training batch. Evaluation
+        is forward-only, so larger batches make the validation pass cheaper (fewer calls)."""
+        evals = self.config.get("evals", {})
+        return int(evals.get("batch_size", 0) or 0) or int(self.config.train.batch_size)
+
     @abc.abstractmethod
     def build_data(self, workdir: str, process_index: int, process_count: int) -> Data:
         """Tokenizer and train / eval pipelines (each process reads only its shard)."""

@@ -90,7 +90,8 @@ class BertPretraining(Objective):
     def build_data(self, workdir: str, process_index: int, process_count: int) -> Data:
         data = build_bert_data(self.opts, workdir=workdir, batch_size=self.config.train.batch_size,
                                seed=self.config.seed, process_index=process_index,
-                               process_count=process_count)
+                               process_count=process_count,
+                               eval_batch_size=self.eval_batch_size)
         return Data(data.tokenizer, data.train_iter, data.eval_batches, len(data.train_source))
 
     def model_overrides(self, data: Data) -> dict[str, Any]:

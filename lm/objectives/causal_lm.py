@@ -29,7 +29,8 @@ class CausalLM(Objective):
         cfg = self.config
         lm_data = build_lm_data(cfg.data, workdir=workdir, seq_len=self.seq_len,
                                 batch_size=cfg.train.batch_size, seed=cfg.seed,
-                                process_index=process_index, process_count=process_count)
+                                process_index=process_index, process_count=process_count,
+                                eval_batch_size=self.eval_batch_size)
         return Data(lm_data.tokenizer, lm_data.train_iter, lm_data.eval_batches,
                     lm_data.num_train_windows)
 

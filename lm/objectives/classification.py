@@ -74,7 +74,7 @@ class LabelledObjective(Objective, abc.ABC):
             process_index=process_index, process_count=process_count,
             worker_count=cfg.data.get("worker_count", 0))
         def eval_batches() -> EvalBatches:  # the loop applies evals.max_batches
-            return EvalBatches(val, cfg.train.batch_size, None, process_index,
+            return EvalBatches(val, self.eval_batch_size, None, process_index,
                                         process_count)
 
         return Data(self.tokenizer, train_iter, eval_batches, len(train))
