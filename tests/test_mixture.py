@@ -367,4 +367,4 @@ def test_bad_task_is_one_line_on_the_command_line(tmp_path, files):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "error: tasks.sst2.objective: unknown task objective 'regression'; known: bert, "
-        "causal_lm, classification, tagging"]
+        "causal_lm, classification, prefix_lm, seq2seq, span_corruption, tagging"]
