@@ -29,25 +29,11 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import cpu_info  # noqa: E402
+
 SHAPE = dict(layers=4, width=256, heads=4, vocab=50257, max_len=512, prompt=16, new=64)
 SLOTS = 32
-
-
-def cpu_info() -> dict:
-    info = {"model": "", "flags": []}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not info["model"]:
-                    info["model"] = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    info["flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16",
-                                                    "amx_bf16", "amx_tile"})
-                    break
-    except OSError:
-        pass
-    return {"what": "cpu", **info, "cores": os.cpu_count()}
 
 
 def prompts(n: int) -> np.ndarray:

@@ -305,12 +305,14 @@ def resolve_tokenizer_path(path: str) -> str:
     return path
 
 
-def build_tokenizer(config: Any, workdir: str, corpus: Callable[[], Iterable[str]]
-                    ) -> tok_lib.Tokenizer:
+def build_tokenizer(config: Any, workdir: str, corpus: Callable[[], Iterable[str]], *,
+                    default_kind: str = "wordpiece",
+                    required: Sequence[str] = ("[CLS]", "[SEP]")) -> tok_lib.Tokenizer:
     """workdir/tokenizer if saved (resume), else from data.tokenizer_path, else from the run
-    in `init_from` (`data.tokenizer_from_init`), else trained on `corpus` (one text a line)."""
+    in `init_from` (`data.tokenizer_from_init`), else trained on `corpus` (one text a line).
+    The tokenizer must have the `required` special tokens."""
     data = config.data
-    kind = data.get("tokenizer", "wordpiece")
+    kind = data.get("tokenizer", default_kind)
     path = data.get("tokenizer_path", "")
     if not path and data.get("tokenizer_from_init", False):
         if not config.get("init_from", ""):
@@ -333,7 +335,7 @@ def build_tokenizer(config: Any, workdir: str, corpus: Callable[[], Iterable[str
     finally:
         if corpus_path:
             os.remove(corpus_path)
-    for special in ("[CLS]", "[SEP]"):
+    for special in required:
         if tok.special_id(special) is None:
             raise ValueError(f"data.tokenizer: the {kind!r} tokenizer has no {special} token")
     return tok

@@ -96,36 +96,15 @@ def read_pairs(data: Any, path: str, field: str) -> list[Pair]:
 
 
 def build_tokenizer(config: Any, workdir: str, train: Sequence[Pair]) -> tok_lib.Tokenizer:
-    """workdir/tokenizer, else data.tokenizer_path / the init run's, else a joint vocabulary
-    trained on both sides of the training pairs. It needs `</s>` (the end of every side)."""
-    data = config.data
-    kind = data.get("tokenizer", "sentencepiece")
-    path = data.get("tokenizer_path", "")
-    if not path and data.get("tokenizer_from_init", False):
-        if not config.get("init_from", ""):
-            raise ValueError("init_from: data.tokenizer_from_init needs a run in init_from")
-        path = config.init_from.rpartition("@")[0] if "@" in config.init_from else (
-            config.init_from)
-    path = labelled.resolve_tokenizer_path(path) if path else ""
-    directory = os.path.join(workdir, "tokenizer")
-    corpus = None
-    if not path and not os.path.exists(os.path.join(directory, tok_lib.MANIFEST)):
-        os.makedirs(workdir, exist_ok=True)
-        corpus = os.path.join(workdir, ".corpus-seq2seq.txt")
-        with open(corpus, "w", encoding="utf-8") as f:
-            for pair in train:
-                f.write(pair.source.replace("\n", " ") + "\n" + pair.target.replace("\n", " ")
-                        + "\n")
-    try:
-        tok = tok_lib.build_tokenizer(kind, directory=directory, corpus_path=corpus,
-                                      vocab_size=data.get("vocab_size", 0) or None,
-                                      model_path=path or None)
-    finally:
-        if corpus:
-            os.remove(corpus)
-    if tok.special_id("</s>") is None:
-        raise ValueError(f"data.tokenizer: the {kind!r} tokenizer has no </s> token")
-    return tok
+    """`labelled.build_tokenizer` (saved, given, the init run's, or trained) with a joint
+    vocabulary over both sides of the training pairs; it needs `</s>` (every side's end)."""
+    def corpus():
+        for pair in train:
+            yield pair.source
+            yield pair.target
+
+    return labelled.build_tokenizer(config, workdir, corpus, default_kind="sentencepiece",
+                                    required=("</s>",))
 
 
 def encode(tokenizer: tok_lib.Tokenizer, text: str, length: int) -> np.ndarray:
