@@ -23,7 +23,8 @@ from lm.data import span_corruption as sc
 from lm.data.pipeline import EvalBatches, make_train_iterator
 from lm.models.config import ModelConfig
 from lm.models.transformer import Decoder
-from lm.objectives.base import Batch, Data, Metrics, Objective
+from lm.objectives.base import Batch, Data, Metrics
+from lm.objectives.causal_lm import CausalLM
 from lm.objectives.losses import token_cross_entropy
 from lm.objectives.seq2seq import Seq2Seq
 
@@ -118,11 +119,9 @@ class PrefixRow(grain.transforms.Map):
         return sc.as_prefix_lm(element, self.seq_len)
 
 
-class PrefixLM(Objective):
-    """Decoder-only span corruption: inputs / targets / weights / segment_ids / positions /
-    prefix, all [B, inputs_length + targets_length]."""
-
-    perplexities = {"loss": "ppl"}
+class PrefixLM(CausalLM):
+    """Decoder-only span corruption: the causal-LM batch plus `prefix`, all
+    [B, inputs_length + targets_length]; model, init and FLOPs are the causal LM's."""
 
     @property
     def seq_len(self) -> int:
@@ -138,18 +137,9 @@ class PrefixLM(Objective):
     def model_overrides(self, data: Data) -> dict[str, Any]:
         return {"vocab_size": self.span.vocab_size}
 
-    def build_model(self, model_cfg: ModelConfig) -> Decoder:
-        return Decoder(model_cfg)
-
     def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        shape = (batch_size, self.seq_len)
-        ids = np.zeros(shape, np.int32)
-        return {"inputs": ids, "targets": ids, "weights": np.ones(shape, np.float32),
-                "segment_ids": np.ones(shape, np.int32), "prefix": np.ones(shape, np.int32),
-                "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), shape)}
-
-    def init(self, model: Decoder, rng: jax.Array, batch: Batch) -> Any:
-        return model.init(rng, batch["inputs"])
+        batch = super().dummy_batch(batch_size)
+        return {**batch, "prefix": np.ones_like(batch["segment_ids"])}
 
     def metrics(self, model: Decoder, params: Any, batch: Batch, rng: jax.Array | None,
                 train: bool) -> Metrics:
@@ -159,9 +149,3 @@ class PrefixLM(Objective):
                              rngs={"dropout": rng} if train and rng is not None else None)
         return token_cross_entropy(logits, batch["targets"], batch["weights"],
                                    accuracy=not train)
-
-    def tokens_per_example(self) -> int:
-        return self.seq_len
-
-    def flops_per_token(self, model_cfg: ModelConfig) -> float:
-        return model_cfg.flops_per_token(self.seq_len)
