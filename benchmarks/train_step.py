@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from lm import optim, reporting, sharding, train
+from lm import optim, reporting, runtime, sharding, train
 from lm.config_base import base_config, model_config, to_model_config
 from lm.objectives import get as get_objective
 from lm.runtime import cpu_flags
@@ -254,6 +254,7 @@ def main() -> None:
     args = p.parse_args()
     if args.isolate and not args.only and not args.no_hf:
         return isolated(args)
+    xla_flag = runtime.set_compute_dtype(args.dtype)  # as lm.main does, before JAX starts
     if args.model == "char":
         SHAPE.update(CHAR_SHAPE)
     SHAPE.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch)) if v})
@@ -300,7 +301,8 @@ def main() -> None:
                 "mfu_vs_gemm_ceiling": round(gflops / ceiling[dtype], 3),
                 **({"mfu_vs_device_peak": round(gflops * 1e9 / peak, 3)}
                    if peak and impl == "lm" else {}),
-                "peak_rss_mb": round(peak_rss_mb(), 1), "cpu_flags": cpu_flags()}), flush=True)
+                "peak_rss_mb": round(peak_rss_mb(), 1), "cpu_flags": cpu_flags(),
+                **({"xla_flag": xla_flag} if impl == "lm" and xla_flag else {})}), flush=True)
     print_ratio(args, times, cpu_times)
 
 

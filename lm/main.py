@@ -64,7 +64,14 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     py_logging.getLogger("absl").addFilter(_Quiet())
     config = FLAGS.config
+    from lm import runtime
+
+    # before any backend starts: the CPU flags that suit the compute dtype (bf16 dots)
+    switched = runtime.set_compute_dtype(config.model.get("dtype", "float32"))
     import jax  # after flag parsing: XLA/platform flags are already in the environment
+
+    if switched:
+        logging.info("XLA CPU flag for %s compute: %s", config.model.dtype, switched)
 
     if config.train.distributed:
         # On TPU pods and SLURM/MPI clusters the arguments are detected; elsewhere pass

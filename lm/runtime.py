@@ -8,6 +8,14 @@ loops, while its dots are the fastest available: restricting YNNPACK to dots mak
 unknown flag aborts XLA at start-up, so it is set only for jaxlib versions it was measured
 on, never over a value the user set, and not at all with `LM_XLA_DEFAULTS=0`.
 Accelerator backends ignore CPU flags.
+
+The best setting depends on the compute dtype. Restricted to `DOT`, XLA upcasts a bf16
+dot to fp32 inside its YNNPACK fusion, so bf16 runs at fp32 speed; with
+`INDIVIDUAL_DOT` the dot keeps its bf16 operands and reaches the CPU's bf16 units
+(AVX512-BF16 / AMX: a 2048^3 GEMM 1,330 GFLOP/s against 266), while fp32 small-model
+steps are slower that way (`char_lm:baby` 58 ms against 35). So `import lm` sets the fp32
+value and `set_compute_dtype("bfloat16")` switches it, as long as no backend has started
+(`lm.main` calls it once the config is read).
 """
 
 from __future__ import annotations
@@ -16,7 +24,11 @@ import importlib.metadata
 import os
 from collections.abc import MutableMapping
 
-CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+CPU_FLAGS = {YNN_FLAG: "LIBRARY_FUSION_TYPE_DOT"}
+# per compute dtype: the YNNPACK fusion types measured fastest (see the module docstring)
+YNN_BY_DTYPE = {"float32": "LIBRARY_FUSION_TYPE_DOT",
+                "bfloat16": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 TESTED_JAXLIB = ("0.10.",)  # version prefixes the flags are known (and measured) on
 
 
@@ -39,7 +51,34 @@ def configure_xla(env: MutableMapping[str, str] = os.environ,
     added = [f"--{name}={value}" for name, value in CPU_FLAGS.items() if name not in flags]
     if added:
         env["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+        env["LM_XLA_ADDED"] = " ".join(added)  # ours, so set_compute_dtype may change them
     return added
+
+
+def set_compute_dtype(dtype: str, env: MutableMapping[str, str] = os.environ,
+                      started: bool | None = None) -> str | None:
+    """Switches our YNNPACK flag to the value measured fastest for `dtype`.
+
+    Returns the flag now in effect, or None where nothing changes: a dtype without an
+    entry, a flag the user set (or `LM_XLA_DEFAULTS=0`, or an untested jaxlib), or a
+    backend already started (`started`; None asks JAX), whose flags are fixed."""
+    value = YNN_BY_DTYPE.get(str(dtype))
+    ours = env.get("LM_XLA_ADDED", "").split()
+    mine = [f for f in ours if f.startswith(f"--{YNN_FLAG}=")]
+    if value is None or not mine or mine[0] not in env.get("XLA_FLAGS", "").split():
+        return None
+    if started is None:
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    wanted = f"--{YNN_FLAG}={value}"
+    if wanted == mine[0]:
+        return wanted
+    if started:
+        return None
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(mine[0], wanted)
+    env["LM_XLA_ADDED"] = " ".join(wanted if f == mine[0] else f for f in ours)
+    return wanted
 
 
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")

@@ -89,3 +89,43 @@ def test_eos_stops_early_and_finished_rows_repeat_it():
     np.testing.assert_array_equal(out[0, 3:], eos)  # row 0 finished at once and repeats eos
     n = stops[1] + 1 if stops[1] is not None else 12
     np.testing.assert_array_equal(out[1, 3:3 + n], free[1, 3:3 + n])  # row 1 unchanged
+
+
+def test_categorical_draws_follow_the_softmax():
+    from lm.generate import categorical
+
+    probs = np.array([0.5, 0.2, 0.15, 0.1, 0.05, 0.0])
+    logits = jnp.log(jnp.asarray(probs))[None]
+    keys = jax.random.split(jax.random.key(0), 40_000)
+    draws = np.asarray(jax.vmap(lambda k: categorical(k, logits)[0])(keys))
+    freq = np.bincount(draws, minlength=6) / len(draws)
+    np.testing.assert_allclose(freq, probs, atol=0.01)  # ~4 standard errors
+    assert freq[5] == 0  # probability 0 (-inf) is never drawn
+    # a vocabulary spanning several blocks of the two-level inverse CDF
+    wide = jax.random.normal(jax.random.key(1), (1, 1000)) * 2
+    draws = np.asarray(jax.vmap(lambda k: categorical(k, wide)[0])(
+        jax.random.split(jax.random.key(2), 100_000)))
+    expected = np.asarray(jax.nn.softmax(wide[0]))
+    assert np.abs(np.bincount(draws, minlength=1000) / len(draws) - expected).max() < 0.006
+
+
+def test_categorical_inverts_the_cdf():
+    from lm.generate import categorical_from_uniform
+
+    # blocks of 4: [0, .1, .2, 0 | .3, 0, 0, .4]; the CDF steps at tokens 1, 2, 4, 7
+    p = np.array([0.0, 0.1, 0.2, 0.0, 0.3, 0.0, 0.0, 0.4])
+    logits = jnp.log(jnp.asarray(p))[None].repeat(7, 0)
+    u = jnp.array([0.0, 0.05, 0.1, 0.29, 0.31, 0.6, 0.9999999])
+    picks = categorical_from_uniform(u, logits, block=4)
+    np.testing.assert_array_equal(picks, [1, 1, 2, 2, 4, 7, 7])
+
+
+def test_top_k_sampling_draws_among_the_k_largest():
+    logits = jnp.log(jnp.array([[0.05, 0.5, 0.1, 0.2, 0.15]]))
+    draws = np.array([int(sample_token(jax.random.key(i), logits, temperature=1.0, top_k=3,
+                                       top_p=1.0)[0]) for i in range(600)])
+    freq = np.bincount(draws, minlength=5) / len(draws)
+    np.testing.assert_allclose(freq, np.array([0, 0.5, 0, 0.2, 0.15]) / 0.85, atol=0.06)
+    nucleus = {int(sample_token(jax.random.key(i), logits, temperature=1.0, top_k=3,
+                                top_p=0.6)[0]) for i in range(200)}
+    assert nucleus == {1, 3}  # 0.5 + 0.2 reaches 0.6 within the top 3

@@ -50,3 +50,43 @@ def test_flag_reaches_the_cpu_compiler(defaults):
     # With the default YNNPACK fusion types the dot, tanh and reduction form one library
     # fusion; restricted to dots, the reduction is XLA's own loop.
     assert out == ("reduce-outside-ynn" if defaults == "1" else "reduce-inside-ynn")
+
+
+def test_compute_dtype_switches_only_our_flag_before_the_backend_starts():
+    env = {}
+    runtime.configure_xla(env, version="0.10.2")
+    bf16 = FLAG.replace("LIBRARY_FUSION_TYPE_DOT", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+    assert runtime.set_compute_dtype("bfloat16", env, started=False) == bf16
+    assert env["XLA_FLAGS"] == bf16
+    assert runtime.set_compute_dtype("float32", env, started=False) == FLAG
+    assert env["XLA_FLAGS"] == FLAG
+    assert runtime.set_compute_dtype("bfloat16", env, started=True) is None  # too late
+    assert env["XLA_FLAGS"] == FLAG
+    assert runtime.set_compute_dtype("float16", env, started=False) is None  # not measured
+    mine = {"XLA_FLAGS": FLAG}  # the same text, but set by the user: never touched
+    assert runtime.set_compute_dtype("bfloat16", mine, started=False) is None
+    assert mine["XLA_FLAGS"] == FLAG
+
+
+_BF16_PROBE = """
+from lm import runtime
+import sys
+runtime.set_compute_dtype(sys.argv[1])
+import jax, jax.numpy as jnp
+a = jnp.ones((64, 64), jnp.bfloat16)
+f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+text = f.lower(a, a).compile().as_text()
+print("upcast" if "f32[64,64]{1,0} convert(" in text else "bf16-operands")
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bf16_dots_keep_bf16_operands_after_the_switch(dtype):
+    if not runtime.jaxlib_version().startswith(runtime.TESTED_JAXLIB):
+        pytest.skip(f"jaxlib {runtime.jaxlib_version()}: lm sets no XLA flags for it")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LM_XLA_ADDED")} | {
+        "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _BF16_PROBE, dtype], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()[-1]
+    # fp32's setting converts bf16 operands to fp32 inside the library fusion (fp32 speed)
+    assert out == ("upcast" if dtype == "float32" else "bf16-operands")

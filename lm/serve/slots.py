@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lm.generate import categorical_from_uniform
 from lm.models.transformer import Decoder
 
 TOP_N = 20  # alternatives returned per position (the API's maximum `logprobs`)
@@ -104,7 +105,7 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
         x = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
         needs_filter = jnp.any((temperature_B > 0) & ((top_k_B > 0) | (top_p_B < 1.0)))
         x = jax.lax.cond(needs_filter, filtered, lambda x: x, x)
-        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, x)
+        drawn = categorical_from_uniform(jax.vmap(jax.random.uniform)(keys_B), x)
         return jnp.where(temperature_B == 0, greedy, drawn.astype(jnp.int32))
 
     return jax.lax.cond(jnp.all(temperature_B == 0), lambda _: greedy, draw, None)
