@@ -109,10 +109,14 @@ def _config_file(name: str, variant: str) -> ConfigDict:
                  ).get_config(variant)
 
 
-def our_step(kind: str, dtype: str, steps_per_call: int = 1, **model_opts):
-    """A no-argument function running our real jitted train step once, on one device."""
-    return step_on_one_device(our_config(kind, dtype, **model_opts), SHAPE["batch"],
-                              steps_per_call)
+def our_step(kind: str, dtype: str, steps_per_call: int = 1, accum: int | None = None,
+             **model_opts):
+    """A no-argument function running our real jitted train step once, on one device
+    (`accum`: optim.grad_accum_steps; None = the config's)."""
+    config = our_config(kind, dtype, **model_opts)
+    if accum is not None:
+        config.optim.grad_accum_steps = accum
+    return step_on_one_device(config, SHAPE["batch"], steps_per_call)
 
 
 def step_on_one_device(config: ConfigDict, batch_size: int, steps_per_call: int = 1):
@@ -129,7 +133,7 @@ def step_on_one_device(config: ConfigDict, batch_size: int, steps_per_call: int 
         config, objective, model, tx, mesh, sharding.get_rules("dp"))
     setup = train.Setup(objective, model, model_cfg, None, mesh, tx, lr, state_sharding,
                         init_state)
-    step = train.make_train_step(setup, 1, steps_per_call)
+    step = train.make_train_step(setup, config.optim.grad_accum_steps, steps_per_call)
     rng = np.random.default_rng(0)
     batch = objective.dummy_batch(batch_size)
     for key in ("inputs", "targets", "input_ids"):
@@ -248,6 +252,9 @@ def main() -> None:
     p.add_argument("--scan", action="store_true")
     p.add_argument("--steps_per_call", type=int, default=1,
                    help="our optimizer steps per compiled call (train.steps_per_call)")
+    p.add_argument("--accum", type=int, default=None,
+                   help="our micro-batches per step (optim.grad_accum_steps; default: the "
+                        "config's)")
     p.add_argument("--loss_chunk", type=int, default=None,
                    help="tokens per fused projection + loss chunk (default: the config's); "
                         "-1 = materialised logits")
@@ -276,7 +283,7 @@ def main() -> None:
         fns["lm"] = our_step(args.model, args.dtype, preset=args.preset,
                              attention_impl=args.attention_impl, remat=args.remat,
                              scan=args.scan, loss_chunk=args.loss_chunk,
-                             steps_per_call=args.steps_per_call)
+                             steps_per_call=args.steps_per_call, accum=args.accum)
     if "hf" in sides:
         fns["hf"] = hf_step(args.model)
     times: dict[str, list[float]] = {"lm": [], "hf": []}
@@ -293,7 +300,7 @@ def main() -> None:
                 "what": f"train_step_{args.model}", "impl": impl, "round": r, "dtype": dtype,
                 "config": SHAPE | {"vocab": VOCAB[args.model], "preset": args.preset,
                                "attention": args.attention_impl, "remat": args.remat,
-                               "loss_chunk": args.loss_chunk,
+                               "loss_chunk": args.loss_chunk, "accum": args.accum,
                                "steps_per_call": args.steps_per_call if impl == "lm" else 1},
                 "step_time_s": round(t, 4), "step_cpu_s": round(cpu, 4),
                 "tokens_per_sec": round(tokens / t, 1),

@@ -90,3 +90,27 @@ def test_bf16_dots_keep_bf16_operands_after_the_switch(dtype):
                          capture_output=True, text=True, check=True).stdout.split()[-1]
     # fp32's setting converts bf16 operands to fp32 inside the library fusion (fp32 speed)
     assert out == ("upcast" if dtype == "float32" else "bf16-operands")
+
+
+_FAULT_PROBE = """
+import resource, numpy as np
+import lm
+a = np.ones(16 << 20, np.float32)  # 64 MB: above glibc's largest mmap threshold
+del a
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    a = np.ones(16 << 20, np.float32)
+    del a
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+@pytest.mark.parametrize("defaults", ["1", "0"])
+def test_large_buffers_are_reused_not_faulted_in_again(defaults):
+    env = dict(os.environ, LM_MALLOC_DEFAULTS=defaults, JAX_PLATFORMS="cpu")
+    faults = int(subprocess.run([sys.executable, "-c", _FAULT_PROBE], env=env,
+                                capture_output=True, text=True, check=True).stdout.split()[-1])
+    # mmap'd: every new buffer faults its pages in again (at least 32 faults even with
+    # 2 MB transparent huge pages); reused heap memory: none do
+    assert faults < 16 if defaults == "1" else faults >= 32
