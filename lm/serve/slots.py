@@ -27,6 +27,9 @@ from lm.models.transformer import Decoder
 TOP_N = 20  # alternatives returned per position (the API's maximum `logprobs`)
 _INDEX_LEAVES = ("cache_index", "index")
 _ROW_LEAVES = {"cached_key": 4, "cached_value": 4, "segment_ids": 2, "positions": 2}
+# the sequence axis, counted from the row axis (keys are stored [B, G, K, S], values
+# [B, G, S, K]: lm.models.attention)
+_SEQ_AFTER_ROW = {"cached_key": 3, "cached_value": 2, "segment_ids": 1, "positions": 1}
 
 
 def _leaf_name(path) -> str:
@@ -71,8 +74,9 @@ def insert(cache, rows, slots_K, shifts_K):
         if name not in _ROW_LEAVES:
             return big
         b_axis = big.ndim - _ROW_LEAVES[name]
-        row = jnp.moveaxis(row, b_axis, 0)  # [K, ..., S, ...] with S at b_axis + 1
-        rolled = jax.vmap(lambda r, s: jnp.roll(r, s, axis=b_axis))(row, shifts_K)
+        seq_axis = b_axis + _SEQ_AFTER_ROW[name] - 1  # in a row without its row axis
+        row = jnp.moveaxis(row, b_axis, 0)
+        rolled = jax.vmap(lambda r, s: jnp.roll(r, s, axis=seq_axis))(row, shifts_K)
         big = jnp.moveaxis(big, b_axis, 0)
         big = big.at[slots_K].set(rolled.astype(big.dtype), mode="drop")
         return jnp.moveaxis(big, 0, b_axis)
