@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from lm import runtime
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import cpu_info  # noqa: E402
 
@@ -119,7 +121,8 @@ def main() -> None:
         for impl in ("lm", "hf"):
             cmd = [sys.executable, __file__, "--only", impl, "--repeats", str(args.repeats)]
             cmd += [f"--batch={b}" for b in batches]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 env=None if impl == "lm" else runtime.peer_env()).stdout
             for line in out.splitlines():
                 if line.startswith("{"):
                     record = json.loads(line) | {"round": r}

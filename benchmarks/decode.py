@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from lm import runtime
+
 SHAPE = dict(layers=4, width=256, heads=4, vocab=50257, max_len=512, prompt=16, new=256)
 
 
@@ -127,7 +129,8 @@ def main() -> None:
         for impl in ("lm", "hf"):
             cmd = [sys.executable, __file__, "--only", impl, "--repeats", str(args.repeats)]
             cmd += [f"--batch={b}" for b in batches] + [f"--mode={m}" for m in modes]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 env=None if impl == "lm" else runtime.peer_env()).stdout
             for line in out.splitlines():
                 if line.startswith("{"):
                     record = json.loads(line) | {"round": r}

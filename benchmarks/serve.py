@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from lm import runtime
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import cpu_info  # noqa: E402
 
@@ -211,7 +213,8 @@ def main() -> None:
                                                                  for c in conc]
             if args.hf_threads:
                 cmd.append(f"--hf_threads={args.hf_threads}")
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 env=None if impl == "lm" else runtime.peer_env())
             if out.returncode:
                 raise SystemExit(out.stderr[-3000:])
             for line in out.stdout.splitlines():

@@ -339,7 +339,8 @@ def isolated(args) -> None:
     for r in range(args.rounds):
         for impl in ["lm"] + ([] if args.no_hf else ["hf"]):
             out = subprocess.run([sys.executable, __file__, *argv, "--only", impl],
-                                 capture_output=True, text=True, check=True).stdout
+                                 capture_output=True, text=True, check=True,
+                                 env=None if impl == "lm" else runtime.peer_env()).stdout
             for line in out.splitlines():
                 if not line.startswith("{"):
                     continue

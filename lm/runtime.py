@@ -107,6 +107,14 @@ def configure_malloc(env: MutableMapping[str, str] = os.environ) -> bool:
         return False
 
 
+def peer_env(env: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment for a benchmark's peer process (PyTorch, transformers): ours with
+    lm's process settings off, so the peer runs as its own users run it even where it
+    imports lm (weight conversion). PyTorch steps change under `configure_malloc` too
+    (its GPT step ran faster, its peak memory 1 GB higher)."""
+    return {**env, "LM_MALLOC_DEFAULTS": "0"}
+
+
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
