@@ -96,7 +96,8 @@ def configure_malloc(env: MutableMapping[str, str] = os.environ) -> bool:
     step of a model whose temporaries exceed 32 MB faults in all of its pages again: the
     `char_lm:baby` gradient (45 MB of temporaries) took 11,400 page faults and 45.9 ms per
     call, against 268 faults and 34.9 ms with mmap off and a high trim threshold, where
-    the freed buffer is reused. Returns whether the setting was applied; `LM_MALLOC_DEFAULTS=0` turns it off."""
+    the freed buffer is reused. Returns whether the setting was applied;
+    `LM_MALLOC_DEFAULTS=0` turns it off."""
     if env.get("LM_MALLOC_DEFAULTS", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
