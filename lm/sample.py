@@ -27,6 +27,7 @@ FLAGS = flags.FLAGS
 
 def load_run(workdir: str, step: int | None = None):
     """(model config, params, tokenizer) of a causal-LM run directory."""
+    from lm import runtime
     from lm.config_base import to_model_config
     from lm.data.tokenizers import load_tokenizer
     from lm.init_from import read_run_params
@@ -37,6 +38,8 @@ def load_run(workdir: str, step: int | None = None):
         raise FileNotFoundError(f"--workdir: no config.json in {workdir}")
     with open(path) as f:
         config = ConfigDict(json.load(f))
+    # the CPU flags that suit the run's compute dtype, if no backend has started yet
+    runtime.set_compute_dtype(config.model.get("dtype", "float32"))
     tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
     model_cfg = to_model_config(config.model, vocab_size=tokenizer.vocab_size)
     # Read-only: never opens a checkpoint manager on a run that may still be training.
