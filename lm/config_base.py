@@ -85,6 +85,22 @@ def base_config() -> ConfigDict:
     return c
 
 
+def bert_finetune_schedule(c: ConfigDict, steps: int, lr: float, runlocal: bool,
+                           evals: int) -> None:
+    """BERT's fine-tuning recipe on `c`: AdamW (0.9, 0.999, eps 1e-6, weight decay 0.01,
+    clip 1.0), linear decay to 0 after 10 % warmup, batch 32, `evals` evaluations and
+    checkpoints per run (2 kept); `runlocal`: 20 steps of 8 and 4 evaluation batches."""
+    batch = 32
+    if runlocal:
+        steps, batch = 20, 8
+        c.evals.max_batches = 4
+    c.optim.update(lr=lr, end_lr=0.0, schedule="linear", warmup_steps=max(steps // 10, 1),
+                   b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, grad_clip=1.0)
+    c.train.update(steps=steps, batch_size=batch, log_every=max(steps // 40, 1),
+                   eval_every=max(steps // evals, 1), checkpoint_every=max(steps // evals, 1),
+                   keep_checkpoints=2)
+
+
 def parse_arg(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
     """'small' or 'size=small,runlocal' -> {'variant': 'small', 'runlocal': True, ...}."""
     out = dict(defaults)

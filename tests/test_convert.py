@@ -56,14 +56,16 @@ def batch(seed: int = 0):
     return ids, mask, types
 
 
-def random_params(module, seed: int = 0):
+def random_params(module, seed: int = 0, scale: float = 0.1, args=None):
     """Params of `module` with every leaf random (no zero biases / unit scales that would
-    hide a swapped mapping); shapes come from `eval_shape`, so nothing is compiled."""
-    ids = np.zeros((1, 8), np.int32)
-    args = (ids, np.zeros((1, 2), np.int32)) if isinstance(module, BertPretrainer) else (ids,)
+    hide a swapped mapping); shapes come from `eval_shape`, so nothing is compiled.
+    `args`: the init inputs (default: a [1, 8] id row, plus NSP positions for BERT)."""
+    if args is None:
+        ids = np.zeros((1, 8), np.int32)
+        args = (ids, np.zeros((1, 2), np.int32)) if isinstance(module, BertPretrainer) else (ids,)
     shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args)["params"])
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 0.1, shapes)
+    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * scale, shapes)
 
 
 def assert_trees_equal(a, b):

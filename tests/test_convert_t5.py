@@ -12,7 +12,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +21,8 @@ from lm import convert
 from lm.convert import __main__ as cli
 from lm.data.tokenizers import SentencePieceTokenizer, load_tokenizer
 from lm.models import Encoder, EncoderDecoder, preset, stack_layers
+from tests import test_convert as bert_tests
+from tests.test_convert import assert_trees_equal, max_diff
 
 B, S, T, V = 3, 12, 10, 99
 SRC_LENGTHS = np.array([12, 7, 3])  # encoder right padding in rows 1 and 2
@@ -58,21 +59,7 @@ def random_params(module, seed: int = 0):
     `eval_shape` (nothing compiled)."""
     ids = np.zeros((1, 8), np.int32)
     args = (ids, ids) if isinstance(module, EncoderDecoder) else (ids,)
-    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args)["params"])
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 0.3, shapes)
-
-
-def assert_trees_equal(a, b):
-    fa, fb = convert.flatten(a), convert.flatten(b)
-    assert sorted(fa) == sorted(fb)
-    for k in fa:
-        assert fa[k].dtype == fb[k].dtype and fa[k].shape == fb[k].shape, k
-        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
-
-
-def max_diff(ours, theirs, valid) -> float:
-    return float(np.abs(np.asarray(ours)[valid] - np.asarray(theirs)[valid]).max())
+    return bert_tests.random_params(module, seed, scale=0.3, args=args)
 
 
 def cached_logits(cfg, params, encoded, src_mask, tgt, prompt: int = 3) -> np.ndarray:

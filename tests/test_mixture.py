@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from lm import checkpoint, config_check, init_from, train
+from lm import config_check, init_from, train
 from lm.data import mixture as mix
 from lm.errors import ConfigError
 from lm.objectives import mixture as mixture_lib
+from tests.test_train import assert_same_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the", "film", "was", "good", "great", "bad", "dull", "fun", "plot", "john", "paris",
@@ -224,17 +225,7 @@ def resumed_runs(tmp_path_factory, files):
 def test_resume_in_a_new_process_is_bit_exact(tmp_path, files, resumed_runs):
     straight, split = resumed_runs
     c = apply(mixture_config(files), {"train.checkpoint_every": 3, "optim.decay_steps": 6})
-    setup = train.build(c, str(tmp_path / "scratch"))
-    target = checkpoint.abstract_like(setup.init_state())
-    states = []
-    for workdir in (straight, split):
-        ckpt = checkpoint.Checkpointer(workdir, max_to_keep=3, save_every=3)
-        assert ckpt.latest_step() == 6
-        states.append(ckpt.restore(6, target))
-        ckpt.close()
-    (a, data_a), (b, data_b) = states
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):  # params + Adam
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    data_a, data_b = assert_same_checkpoints(c, tmp_path, straight, split)  # params + Adam
     assert data_a == data_b and data_a["step"] == 6
     assert sorted(data_a["tasks"]) == ["conll", "sst2"]  # every task's own position
     assert train_losses(straight) == train_losses(split)

@@ -99,20 +99,27 @@ def test_resume_in_new_process_is_bit_exact(tmp_path):
     run_main(split, *common, "--config.train.steps=3")
     run_main(split, *common, "--config.train.steps=6")
 
-    c = make_config(tmp_path)
-    setup = train.build(c, str(tmp_path / "scratch"))
-    target = checkpoint.abstract_like(setup.init_state())
-    states = []
-    for workdir in (straight, split):
-        ckpt = checkpoint.Checkpointer(workdir, max_to_keep=3, save_every=3)
-        assert ckpt.latest_step() == 6
-        states.append(ckpt.restore(6, target))
-        ckpt.close()
-    (a, data_a), (b, data_b) = states
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    data_a, data_b = assert_same_checkpoints(make_config(tmp_path), tmp_path, straight, split)
     assert data_a == data_b  # the iterator is at the same position: the same batches seen
     assert losses(straight) == losses(split)  # and every step's loss agrees exactly
+
+
+def assert_same_checkpoints(config, tmp_path, *workdirs, step: int = 6):
+    """Restores each run's checkpoint at `step` (the last one) and requires bit-identical
+    states (params and optimizer); returns each run's data-iterator state."""
+    setup = train.build(config, str(tmp_path / "scratch"))
+    target = checkpoint.abstract_like(setup.init_state())
+    states = []
+    for workdir in workdirs:
+        ckpt = checkpoint.Checkpointer(workdir, max_to_keep=3, save_every=3)
+        assert ckpt.latest_step() == step
+        states.append(ckpt.restore(step, target))
+        ckpt.close()
+    first = jax.tree.leaves(states[0][0])
+    for state, _ in states[1:]:
+        for x, y in zip(first, jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    return [data for _, data in states]
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
