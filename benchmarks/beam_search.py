@@ -20,16 +20,13 @@ import hashlib
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-from lm import runtime
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import cpu_info  # noqa: E402
+from decode import cpu_info, side_records  # noqa: E402
 
 SHAPE = dict(layers=3, width=256, heads=4, mlp=1024, vocab=8100, source=32, new=32, beams=4)
 
@@ -121,14 +118,10 @@ def main() -> None:
         for impl in ("lm", "hf"):
             cmd = [sys.executable, __file__, "--only", impl, "--repeats", str(args.repeats)]
             cmd += [f"--batch={b}" for b in batches]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                 env=None if impl == "lm" else runtime.peer_env()).stdout
-            for line in out.splitlines():
-                if line.startswith("{"):
-                    record = json.loads(line) | {"round": r}
-                    seconds.setdefault((impl, record["batch"]), []).append(record["seconds"])
-                    outputs.setdefault(record["batch"], set()).add(record["output_sha"])
-                    print(json.dumps(record), flush=True)
+            for record in side_records(cmd, impl, r):
+                seconds.setdefault((impl, record["batch"]), []).append(record["seconds"])
+                outputs.setdefault(record["batch"], set()).add(record["output_sha"])
+                print(json.dumps(record), flush=True)
     for batch in batches:
         lm_s, hf_s = seconds[("lm", batch)], seconds[("hf", batch)]
         print(json.dumps({"what": "ratio_beam_search", "batch": batch,

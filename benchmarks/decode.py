@@ -45,6 +45,18 @@ def cpu_info() -> dict:
     return {"what": "cpu", **info, "cores": os.cpu_count()}
 
 
+def side_records(cmd: list[str], impl: str, round_: int) -> list[dict]:
+    """The JSON lines (tagged with `round`) of one side run in a fresh process: ours as
+    is, a peer ("hf") without lm's process settings (`runtime.peer_env`), as its users
+    run it. A failed run ends the benchmark with its stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         env=None if impl == "lm" else runtime.peer_env())
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return [json.loads(line) | {"round": round_} for line in out.stdout.splitlines()
+            if line.startswith("{")]
+
+
 def prompt(batch: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, SHAPE["vocab"], (batch, SHAPE["prompt"]))
 
@@ -129,14 +141,10 @@ def main() -> None:
         for impl in ("lm", "hf"):
             cmd = [sys.executable, __file__, "--only", impl, "--repeats", str(args.repeats)]
             cmd += [f"--batch={b}" for b in batches] + [f"--mode={m}" for m in modes]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                 env=None if impl == "lm" else runtime.peer_env()).stdout
-            for line in out.splitlines():
-                if line.startswith("{"):
-                    record = json.loads(line) | {"round": r}
-                    seconds.setdefault((impl, record["batch"], record["mode"]), []).append(
-                        record["seconds"])
-                    print(json.dumps(record), flush=True)
+            for record in side_records(cmd, impl, r):
+                seconds.setdefault((impl, record["batch"], record["mode"]), []).append(
+                    record["seconds"])
+                print(json.dumps(record), flush=True)
     for batch in batches:
         for mode in modes:
             lm_s, hf_s = seconds[("lm", batch, mode)], seconds[("hf", batch, mode)]

@@ -29,10 +29,8 @@ import time
 
 import numpy as np
 
-from lm import runtime
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import cpu_info  # noqa: E402
+from decode import cpu_info, side_records  # noqa: E402
 
 SHAPE = dict(layers=4, width=256, heads=4, vocab=50257, max_len=512, prompt=16, new=64)
 SLOTS = 32
@@ -213,15 +211,9 @@ def main() -> None:
                                                                  for c in conc]
             if args.hf_threads:
                 cmd.append(f"--hf_threads={args.hf_threads}")
-            out = subprocess.run(cmd, capture_output=True, text=True,
-                                 env=None if impl == "lm" else runtime.peer_env())
-            if out.returncode:
-                raise SystemExit(out.stderr[-3000:])
-            for line in out.stdout.splitlines():
-                if line.startswith("{"):
-                    record = json.loads(line) | {"round": r}
-                    results.setdefault((impl, record["concurrency"]), []).append(record)
-                    print(json.dumps(record), flush=True)
+            for record in side_records(cmd, impl, r):
+                results.setdefault((impl, record["concurrency"]), []).append(record)
+                print(json.dumps(record), flush=True)
     for c in conc:
         med = {impl: {k: float(np.median([x[k] for x in results[(impl, c)]]))
                       for k in ("tokens_per_sec", "latency_p50_s", "latency_p99_s")}
