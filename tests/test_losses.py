@@ -90,3 +90,20 @@ def test_decoder_output_table_reproduces_its_logits(tie, scale):
     table, factor = Decoder.output_table(cfg, params)
     np.testing.assert_allclose(jnp.einsum("bld,vd->blv", hidden * factor, table), logits,
                                atol=1e-5)
+
+
+def test_label_smoothing_mixes_in_the_uniform_cross_entropy():
+    logits = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]]))
+    targets, weights = jnp.array([[0, 2]]), jnp.array([[1.0, 0.5]])
+    eps = 0.1
+    got_sum, count = token_cross_entropy(logits, targets, weights, accuracy=False,
+                                         label_smoothing=eps)["loss"]
+    logp = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]))
+    # (1 - eps) * -log p(target) + eps * mean over the vocabulary of -log p
+    per_token = (1 - eps) * -logp[[0, 1], [0, 2]] + eps * -logp.mean(-1)
+    np.testing.assert_allclose(float(got_sum), float((per_token * [1.0, 0.5]).sum()),
+                               rtol=1e-6)
+    assert float(count) == 1.5
+    plain = token_cross_entropy(logits, targets, weights, accuracy=False)["loss"][0]
+    np.testing.assert_allclose(float(plain), float((-logp[[0, 1], [0, 2]] * [1.0, 0.5]).sum()),
+                               rtol=1e-6)

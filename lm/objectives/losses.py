@@ -20,13 +20,20 @@ from lm.objectives.base import Metrics
 
 
 def token_cross_entropy(logits_BLV: jnp.ndarray, targets_BL: jnp.ndarray,
-                        weights_BL: jnp.ndarray, accuracy: bool = True) -> Metrics:
-    """Weighted next-token loss (and accuracy) as (sum, count) from materialised logits.
+                        weights_BL: jnp.ndarray, accuracy: bool = True,
+                        label_smoothing: float = 0.0) -> Metrics:
+    """Weighted next-token loss (and accuracy) as (sum, count) from materialised logits;
+    with `label_smoothing` the target distribution is smoothed toward uniform.
 
     Accuracy costs one more pass over the [B, L, V] logits, so training steps leave it
     to evaluation."""
-    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32),
-                                                            targets_BL)
+    logits = logits_BLV.astype(jnp.float32)
+    if label_smoothing:
+        soft = optax.smooth_labels(jax.nn.one_hot(targets_BL, logits.shape[-1]),
+                                   label_smoothing)
+        ce_BL = optax.softmax_cross_entropy(logits, soft)
+    else:
+        ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BL)
     count = weights_BL.sum()
     out = {"loss": ((ce_BL * weights_BL).sum(), count)}
     if accuracy:

@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from lm.data import labelled
@@ -32,26 +31,9 @@ from lm.data.pipeline import EvalBatches, make_train_iterator
 from lm.models.config import ModelConfig
 from lm.models.transformer import EncoderDecoder
 from lm.objectives.base import Batch, Data, Metrics, Objective
+from lm.objectives.losses import token_cross_entropy
 
 TASK_FILE = "seq2seq.json"  # the direction and lengths, for lm.translate
-
-
-def cross_entropy(logits_BLV: jnp.ndarray, targets_BL: jnp.ndarray, weights_BL: jnp.ndarray,
-                  *, label_smoothing: float = 0.0, accuracy: bool = False) -> Metrics:
-    """Weighted token cross-entropy (label-smoothed toward uniform when asked) as (sum, count)."""
-    logits = logits_BLV.astype(jnp.float32)
-    if label_smoothing:
-        vocab = logits.shape[-1]
-        soft = optax.smooth_labels(jax.nn.one_hot(targets_BL, vocab), label_smoothing)
-        ce_BL = optax.softmax_cross_entropy(logits, soft)
-    else:
-        ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BL)
-    count = weights_BL.sum()
-    out = {"loss": ((ce_BL * weights_BL).sum(), count)}
-    if accuracy:
-        correct = (jnp.argmax(logits, -1) == targets_BL).astype(jnp.float32)
-        out["accuracy"] = ((correct * weights_BL).sum(), count)
-    return out
 
 
 class Seq2Seq(Objective):
@@ -152,8 +134,8 @@ class Seq2Seq(Objective):
                 train: bool) -> Metrics:
         logits = self.logits(model, params, batch, rng, train)
         smoothing = float(self.config.train.get("label_smoothing", 0.0)) if train else 0.0
-        return cross_entropy(logits, batch["targets"], batch["weights"],
-                             label_smoothing=smoothing, accuracy=not train)
+        return token_cross_entropy(logits, batch["targets"], batch["weights"],
+                                   accuracy=not train, label_smoothing=smoothing)
 
     def tokens_per_example(self) -> int:
         return self.inputs_length + self.targets_length
