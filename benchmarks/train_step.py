@@ -330,21 +330,19 @@ def print_ratio(args, times: dict[str, list[float]], cpu_times: dict[str, list[f
 
 def isolated(args) -> None:
     """Rounds of (ours in a fresh process, then the peer in a fresh process)."""
-    import subprocess
     import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from decode import side_records
 
     argv = [*sys.argv[1:], "--rounds", "1"]  # the last --rounds wins
     times: dict[str, list[float]] = {"lm": [], "hf": []}
     cpu_times: dict[str, list[float]] = {"lm": [], "hf": []}
     for r in range(args.rounds):
         for impl in ["lm"] + ([] if args.no_hf else ["hf"]):
-            out = subprocess.run([sys.executable, __file__, *argv, "--only", impl],
-                                 capture_output=True, text=True, check=True,
-                                 env=None if impl == "lm" else runtime.peer_env()).stdout
-            for line in out.splitlines():
-                if not line.startswith("{"):
-                    continue
-                record = json.loads(line) | {"round": r, "process": impl}
+            for record in side_records([sys.executable, __file__, *argv, "--only", impl],
+                                       impl, r):
+                record["process"] = impl
                 if record["what"].startswith("train_step_"):
                     times[impl].append(record["step_time_s"])
                     cpu_times[impl].append(record["step_cpu_s"])
