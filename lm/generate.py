@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.models.cache import gather_rows
 from lm.models.config import ModelConfig
 from lm.models.transformer import Decoder
 
@@ -197,18 +198,6 @@ def length_penalty(length, alpha: float):
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
-def _gather_beams(tree, parent_BK: jnp.ndarray, batch: int, beams: int):
-    """Rows [B*K, ...] of every array leaf re-picked by parent beam (scalars kept)."""
-    def gather(x):
-        if x.ndim == 0 or x.shape[0] != batch * beams:
-            return x
-        x = x.reshape(batch, beams, *x.shape[1:])
-        idx = parent_BK.reshape(batch, beams, *([1] * (x.ndim - 2)))
-        return jnp.take_along_axis(x, idx, axis=1).reshape(batch * beams, *x.shape[2:])
-
-    return jax.tree.map(gather, tree)
-
-
 def _search(step, cache, logits_NV, *, batch: int, beams: int, max_len: int, alpha: float,
             eos_id: int):
     """The alive / finished beam loop on the device. `step(cache, tokens [B*K], i)` runs the
@@ -258,7 +247,8 @@ def _search(step, cache, logits_NV, *, batch: int, beams: int, max_len: int, alp
         alive_seq = jnp.take_along_axis(cand_seq, top[:, :, None], axis=1)
         new_parent = jnp.take_along_axis(parent, top, axis=1)
         new_tok = jnp.take_along_axis(tok, top, axis=1)
-        cache = _gather_beams(cache, new_parent, b, k)
+        rows = (jnp.arange(b)[:, None] * k + new_parent).reshape(b * k)
+        cache = gather_rows(cache, rows)
         logits, cache = step(cache, new_tok.reshape(b * k), i)
         return i + 1, alive_seq, alive_lp, fin_seq, fin_score, cache, logits
 

@@ -3,6 +3,7 @@ model kinds."""
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from lm.generate import beam_search, generate, length_penalty
 from lm.models.presets import preset
-from lm.models.transformer import Decoder, EncoderDecoder
+from lm.models.transformer import Decoder, EncoderDecoder, stack_layers
 
 EOS, V = 1, 5
 
@@ -112,6 +113,22 @@ def test_decoder_only_beam_search():
         best = max(_hypotheses(2), key=logp)
         assert tuple(int(t) for t in seqs[row, 0, : len(best)]) == best
         np.testing.assert_allclose(scores[row, 0], logp(best), rtol=1e-5)
+
+
+def test_scanned_layers_search_like_the_loop():
+    """Reordering beams reorders the cache of every layer, stacked (scan) or not: a scanned
+    stack's cache has its rows on axis 1, which a first-axis gather used to miss."""
+    cfg = preset("gpt2_small", num_layers=2, d_model=16, num_heads=2, mlp_dim=32,
+                 vocab_size=7, max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0)
+    prompt = np.array([[2, 3], [4, 4]], np.int32)
+    params = nn.unbox(Decoder(cfg).init(jax.random.key(2), prompt)["params"])
+    params = jax.tree.map(lambda x: x * 6, params)
+    kw = dict(beam_size=3, max_len=5, eos_id=EOS, decoder_only=True)
+    seqs, scores = beam_search(cfg, params, prompt, **kw)
+    seqs_s, scores_s = beam_search(cfg.replace(scan_layers=True), stack_layers(params),
+                                   prompt, **kw)
+    np.testing.assert_array_equal(seqs_s, seqs)
+    np.testing.assert_allclose(scores_s, scores, rtol=1e-5)
 
 
 def test_bad_arguments_name_the_field():

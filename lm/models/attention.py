@@ -136,43 +136,87 @@ class Attention(nn.Module):
             k_BSGK = pos_lib.apply_rope(k_BSGK, mask.q_positions, cfg.rope_theta)
         q_BLHK = constrain(q_BLHK, ("batch", "length", "act_heads", "act_kv"))
 
-        if self.decode and not self.cross:
-            k_BSGK, v_BSGK = self._update_cache(k_BSGK, v_BSGK)
-
         # Inspection: apply(..., mutable=['intermediates']) records the probabilities
         # (through the reference path) under intermediates/.../attention_probs.
         return_probs = self.is_mutable_collection("intermediates")
+        scale = None if cfg.scale_attention else 1.0
+        out = _dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", in_axis=(-2, -1),
+                     init_scale=self.out_init_scale)
+        if self.decode and not self.cross:
+            ck_NKS, cv_NSK = self._update_cache(k_BSGK, v_BSGK)
+            if ck_NKS is None:  # init: shapes only
+                pass
+            elif q_BLHK.shape[1] == 1 and not return_probs:
+                return out(cached_attention(q_BLHK, ck_NKS, cv_NSK, mask, bias_BHLS, scale))
+            else:
+                k_BSGK, v_BSGK = _cache_views(ck_NKS, cv_NSK, q_BLHK.shape[0])
+
         rng = None
         if not deterministic and cfg.attention_dropout_rate > 0:
             rng = self.make_rng("dropout")
         result = dot_product_attention(
             q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS=bias_BHLS, impl=cfg.attention_impl,
             dropout_rate=cfg.attention_dropout_rate, dropout_rng=rng, return_probs=return_probs,
-            scale=None if cfg.scale_attention else 1.0)
+            scale=scale)
         out_BLHK, probs = result if return_probs else (result, None)
         if return_probs:
             self.sow("intermediates", "attention_probs", probs)
-        return _dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", in_axis=(-2, -1),
-                      init_scale=self.out_init_scale)(out_BLHK)
+        return out(out_BLHK)
 
     def _update_cache(self, k_BLGK: jnp.ndarray, v_BLGK: jnp.ndarray):
-        """Writes this call's keys/values at the cache index; returns the whole cache as
-        [B, S, G, K] (a view). Keys are stored [B, G, K, S] and values [B, G, S, K]: the
-        operand layouts of q·kᵀ and p·v batched over (B, G), which XLA:CPU then reads in
-        place. Stored [B, S, G, K], every layer's whole cache was copied into those
-        layouts at every decoded token (batch-8 greedy decoding: 1.3x faster)."""
+        """Writes this call's keys/values at the cache index and returns the whole cache:
+        keys [B*G, K, S], values [B*G, S, K] (None, None at init).
+
+        Those are the operand layouts of q·kᵀ and p·v batched over (B, G), which XLA:CPU
+        reads in place; stored [B, S, G, K], every layer's cache was copied into them at
+        every decoded token. Rows and key/value heads share one axis because with a
+        separate batch axis of size 1 XLA fused the cache update a second time into the
+        dot's operand and copied the cache three times per token. `lm.models.cache`
+        gives code that picks rows the [B, G, ...] view."""
         b, length, g, k = k_BLGK.shape
+        s = self.cache_len
         initialized = self.has_variable("cache", "cached_key")
-        ck = self.variable("cache", "cached_key", jnp.zeros, (b, g, k, self.cache_len),
-                           k_BLGK.dtype)
-        cv = self.variable("cache", "cached_value", jnp.zeros, (b, g, self.cache_len, k),
-                           v_BLGK.dtype)
+        ck = self.variable("cache", "cached_key", jnp.zeros, (b * g, k, s), k_BLGK.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, (b * g, s, k), v_BLGK.dtype)
         ci = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        if not initialized:  # init: shapes only
-            return k_BLGK, v_BLGK
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BLGK.transpose(0, 2, 3, 1),
-                                                (0, 0, 0, ci.value))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BLGK.swapaxes(1, 2),
-                                                (0, 0, ci.value, 0))
+        if not initialized:
+            return None, None
+        ck.value = jax.lax.dynamic_update_slice(
+            ck.value, k_BLGK.transpose(0, 2, 3, 1).reshape(b * g, k, length), (0, 0, ci.value))
+        cv.value = jax.lax.dynamic_update_slice(
+            cv.value, v_BLGK.swapaxes(1, 2).reshape(b * g, length, k), (0, ci.value, 0))
         ci.value = ci.value + length
-        return ck.value.transpose(0, 3, 1, 2), cv.value.swapaxes(1, 2)
+        return ck.value, cv.value
+
+
+def _cache_views(ck_NKS: jnp.ndarray, cv_NSK: jnp.ndarray, batch: int):
+    """The stored cache as [B, S, G, K] keys and values (views, for several queries)."""
+    n, k, s = ck_NKS.shape
+    g = n // batch
+    return (ck_NKS.reshape(batch, g, k, s).transpose(0, 3, 1, 2),
+            cv_NSK.reshape(batch, g, s, k).swapaxes(1, 2))
+
+
+def cached_attention(q_B1HK: jnp.ndarray, ck_NKS: jnp.ndarray, cv_NSK: jnp.ndarray,
+                     mask: Mask | None, bias_BHLS: jnp.ndarray | None, scale: float | None
+                     ) -> jnp.ndarray:
+    """One query per row over the stored cache (a decode step): `dot_product_attention`'s
+    einsum path written on the cache's own [B*G, ...] layout, so both products read it in
+    place. Logits and softmax in fp32; returns [B, 1, H, K]."""
+    b, _, h, k = q_B1HK.shape
+    n, _, s = ck_NKS.shape
+    g = n // b
+    r = h // g
+    q_NRK = q_B1HK.reshape(n, r, k)
+    if scale != 1.0:
+        q_NRK = q_NRK * jnp.asarray(k**-0.5 if scale is None else scale, q_NRK.dtype)
+    logits_NRS = jnp.einsum("nrk,nks->nrs", q_NRK, ck_NKS, preferred_element_type=jnp.float32)
+    if bias_BHLS is not None:
+        bias = jnp.broadcast_to(bias_BHLS.astype(jnp.float32), (b, h, 1, s))
+        logits_NRS += bias.reshape(n, r, s)
+    if mask is not None:
+        allowed_BGS = jnp.broadcast_to(mask.allowed()[:, 0, :1], (b, g, s))
+        logits_NRS = jnp.where(allowed_BGS.reshape(n, 1, s), logits_NRS, _NEG)
+    probs_NRS = jax.nn.softmax(logits_NRS, axis=-1)
+    out_NRK = jnp.einsum("nrs,nsk->nrk", probs_NRS.astype(cv_NSK.dtype), cv_NSK)
+    return out_NRK.reshape(b, 1, h, k)

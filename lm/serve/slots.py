@@ -22,18 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from lm.generate import categorical_from_uniform
+from lm.models.cache import SEQ_AFTER_ROW, leaf_name, merge_rows, row_axis, split_rows
 from lm.models.transformer import Decoder
 
 TOP_N = 20  # alternatives returned per position (the API's maximum `logprobs`)
 _INDEX_LEAVES = ("cache_index", "index")
-_ROW_LEAVES = {"cached_key": 4, "cached_value": 4, "segment_ids": 2, "positions": 2}
-# the sequence axis, counted from the row axis (keys are stored [B, G, K, S], values
-# [B, G, S, K]: lm.models.attention)
-_SEQ_AFTER_ROW = {"cached_key": 3, "cached_value": 2, "segment_ids": 1, "positions": 1}
-
-
-def _leaf_name(path) -> str:
-    return str(getattr(path[-1], "key", path[-1]))
 
 
 def empty_cache(model: Decoder, slots: int) -> Any:
@@ -46,7 +39,7 @@ def empty_cache(model: Decoder, slots: int) -> Any:
 def _set_index(cache, column):
     """Points every cache write index at `column` (the next write goes there)."""
     def put(path, leaf):
-        if _leaf_name(path) in _INDEX_LEAVES:
+        if leaf_name(path) in _INDEX_LEAVES:
             return jnp.full(leaf.shape, column, leaf.dtype)
         return leaf
     return jax.tree_util.tree_map_with_path(put, cache)
@@ -69,18 +62,19 @@ def prefill(model: Decoder, params, ids_BL, lengths_B):
 def insert(cache, rows, slots_K, shifts_K):
     """Writes prefilled `rows` (K of them) into `cache` at `slots_K`, each rolled right by
     `shifts_K` columns. A slot index out of range (padding rows) is dropped."""
+    cache, rows = split_rows(cache), split_rows(rows)
+
     def put(path, big, row):
-        name = _leaf_name(path)
-        if name not in _ROW_LEAVES:
+        b_axis = row_axis(path, big)
+        if b_axis is None:
             return big
-        b_axis = big.ndim - _ROW_LEAVES[name]
-        seq_axis = b_axis + _SEQ_AFTER_ROW[name] - 1  # in a row without its row axis
+        seq_axis = b_axis + SEQ_AFTER_ROW[leaf_name(path)] - 1  # in a row without its row axis
         row = jnp.moveaxis(row, b_axis, 0)
         rolled = jax.vmap(lambda r, s: jnp.roll(r, s, axis=seq_axis))(row, shifts_K)
         big = jnp.moveaxis(big, b_axis, 0)
         big = big.at[slots_K].set(rolled.astype(big.dtype), mode="drop")
         return jnp.moveaxis(big, 0, b_axis)
-    return jax.tree_util.tree_map_with_path(put, cache, rows)
+    return merge_rows(jax.tree_util.tree_map_with_path(put, cache, rows))
 
 
 def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
@@ -115,24 +109,20 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     return jax.lax.cond(jnp.all(temperature_B == 0), lambda _: greedy, draw, None)
 
 
-def _row_axis(path, leaf) -> int | None:
-    name = _leaf_name(path)
-    return leaf.ndim - _ROW_LEAVES[name] if name in _ROW_LEAVES else None
-
-
 def _first_rows(cache, rows: int):
     def take(path, leaf):
-        axis = _row_axis(path, leaf)
+        axis = row_axis(path, leaf)
         return leaf if axis is None else jax.lax.slice_in_dim(leaf, 0, rows, axis=axis)
-    return jax.tree_util.tree_map_with_path(take, cache)
+    return merge_rows(jax.tree_util.tree_map_with_path(take, split_rows(cache)))
 
 
 def _put_first_rows(cache, part):
     def put(path, big, small):
-        axis = _row_axis(path, big)
+        axis = row_axis(path, big)
         return small if axis is None else jax.lax.dynamic_update_slice_in_dim(big, small, 0,
                                                                                axis=axis)
-    return jax.tree_util.tree_map_with_path(put, cache, part)
+    return merge_rows(jax.tree_util.tree_map_with_path(put, split_rows(cache),
+                                                       split_rows(part)))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "rows"), donate_argnums=(2,))
