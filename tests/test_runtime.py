@@ -114,3 +114,38 @@ def test_large_buffers_are_reused_not_faulted_in_again(defaults):
     # mmap'd: every new buffer faults its pages in again (at least 32 faults even with
     # 2 MB transparent huge pages); reused heap memory: none do
     assert faults < 16 if defaults == "1" else faults >= 32
+
+
+_DISPATCH_PROBE = """
+import resource
+import lm  # noqa: F401
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: x * 2.0)
+x = jnp.ones(32 << 20, jnp.float32)  # 128 MB: above a worker thread's 64 MB glibc heap
+for _ in range(3):  # the heap settles
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):
+    f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 8)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc arenas")
+@pytest.mark.parametrize("defaults", ["1", "0"])
+def test_cpu_computations_run_inline_and_reuse_their_buffers(defaults):
+    """A call's 128 MB output: run on the caller's thread, its memory is reused (few
+    faults); on a worker thread, glibc maps it afresh and all 32,768 pages fault in."""
+    env = dict(os.environ, LM_DISPATCH_DEFAULTS=defaults, JAX_PLATFORMS="cpu")
+    faults = int(subprocess.run([sys.executable, "-c", _DISPATCH_PROBE], env=env,
+                                capture_output=True, text=True, check=True).stdout.split()[-1])
+    pages = (128 << 20) // 4096
+    assert faults < pages // 10 if defaults == "1" else faults > pages // 2
+
+
+def test_dispatch_setting_refuses_a_started_backend_and_the_opt_out():
+    import jax.numpy as jnp
+
+    jnp.ones(1).block_until_ready()  # a backend is running in this process
+    assert runtime.configure_dispatch() is False
+    assert runtime.configure_dispatch({"LM_DISPATCH_DEFAULTS": "0"}) is False
