@@ -136,11 +136,12 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 8)
 def test_cpu_computations_run_inline_and_reuse_their_buffers(defaults):
     """A call's 128 MB output: run on the caller's thread, its memory is reused (few
     faults); on a worker thread, glibc maps it afresh and all 32,768 pages fault in."""
-    env = dict(os.environ, LM_DISPATCH_DEFAULTS=defaults, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, LM_DISPATCH_DEFAULTS=defaults, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="")  # one CPU device, as a user's process has
     faults = int(subprocess.run([sys.executable, "-c", _DISPATCH_PROBE], env=env,
                                 capture_output=True, text=True, check=True).stdout.split()[-1])
     pages = (128 << 20) // 4096
-    assert faults < pages // 10 if defaults == "1" else faults > pages // 2
+    assert faults < pages // 4 if defaults == "1" else faults > pages // 2  # 0-4096 / 32769
 
 
 def test_dispatch_setting_refuses_a_started_backend_and_the_opt_out():
