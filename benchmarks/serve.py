@@ -32,6 +32,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import cpu_info, side_records  # noqa: E402
 
+from lm import runtime  # noqa: E402
+
 SHAPE = dict(layers=4, width=256, heads=4, vocab=50257, max_len=512, prompt=16, new=64)
 SLOTS = 32
 
@@ -69,6 +71,7 @@ class _Tokenizer:
 
 
 def serve(port: int) -> None:
+    runtime.set_async_dispatch(True)  # as `python -m lm.serve` runs its engine
     import jax
     import jax.numpy as jnp
     import uvicorn

@@ -118,15 +118,22 @@ def configure_dispatch(env: MutableMapping[str, str] = os.environ) -> bool:
     inline, the caller's (main) arena keeps and reuses them, with no faults. Steps then
     ran 7 % (GPT fp32 and bf16), 15 % (BERT) and 4 % (`char_lm:baby`) faster. Must run
     before a CPU backend starts (returns False after, and with `LM_DISPATCH_DEFAULTS=0`).
-    Sharded (multi-device) computations are dispatched asynchronously either way."""
+    Sharded (multi-device) computations are dispatched asynchronously either way. The
+    server turns asynchronous dispatch back on (`set_async_dispatch`): its engine reads
+    one step's tokens while the next step runs."""
     if env.get("LM_DISPATCH_DEFAULTS", "1") == "0":
         return False
+    return set_async_dispatch(False)
+
+
+def set_async_dispatch(enabled: bool) -> bool:
+    """Sets JAX's CPU dispatch mode; False (nothing changed) once a backend has started."""
     import jax  # noqa: PLC0415  (imported only here: the other settings precede JAX)
     from jax._src import xla_bridge  # noqa: PLC0415
 
     if xla_bridge.backends_are_initialized():
         return False
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    jax.config.update("jax_cpu_enable_async_dispatch", enabled)
     return True
 
 

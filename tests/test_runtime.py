@@ -150,3 +150,16 @@ def test_dispatch_setting_refuses_a_started_backend_and_the_opt_out():
     jnp.ones(1).block_until_ready()  # a backend is running in this process
     assert runtime.configure_dispatch() is False
     assert runtime.configure_dispatch({"LM_DISPATCH_DEFAULTS": "0"}) is False
+
+
+def test_async_dispatch_can_be_turned_back_on_before_the_backend_starts():
+    """`import lm` runs computations inline; the server (`python -m lm.serve`, whose
+    engine overlaps host work with the running step) switches back before loading."""
+    probe = ("import sys, lm\nfrom jax._src import xla_bridge as xb\n"
+             "before = xb._CPU_ENABLE_ASYNC_DISPATCH.value\n"
+             "from lm import runtime\nassert runtime.set_async_dispatch(True)\n"
+             "print(before, xb._CPU_ENABLE_ASYNC_DISPATCH.value)")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["False", "True"]

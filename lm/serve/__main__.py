@@ -13,7 +13,7 @@ import json
 import logging
 import os
 
-from lm import errors
+from lm import errors, runtime
 
 
 def parse(argv: list[str] | None):
@@ -55,6 +55,9 @@ def build(args):
     from lm.serve.api import create_app
     from lm.serve.engine import Engine
 
+    # the engine overlaps host work with the running step: asynchronous dispatch
+    # (1 client 453 against 349-381 tok/s inline; benchmarks/serve.py)
+    runtime.set_async_dispatch(True)
     cfg, params, tokenizer = load_run(args.workdir, args.step)
     engine = Engine(cfg, params, decode=tokenizer.decode, eos_id=tokenizer.special_id("</s>"),
                     slots=args.slots, context=args.context).start()
