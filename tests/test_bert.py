@@ -17,7 +17,7 @@ from lm import objectives, train
 from lm.data.bert_pipeline import BertDataOptions, build_bert_data, make_train_iterator
 from lm.models.heads import MLMHead
 from lm.models.presets import preset
-from lm.objectives.bert import pretraining_metrics
+from lm.objectives.bert import mlm_metrics, pretraining_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the", "king", "queen", "speaks", "to", "all", "men", "of", "rome", "and", "we",
@@ -254,3 +254,19 @@ def test_processes_read_disjoint_shards(tmp_path):
                                  process_count=2)
         seen.append({original(next(it)) for _ in range(per_process)})
     assert len(seen[0]) == len(seen[1]) == per_process and not seen[0] & seen[1]
+
+
+def test_mlm_accuracy_counts_the_target_being_largest():
+    """Correct where the target's logit is the maximum (an exact tie counts), weighted,
+    over chosen positions only; the loss is the weighted cross-entropy."""
+    logits = jnp.array([[[0.0, 2.0, 1.0], [3.0, 1.0, 0.0], [1.0, 1.0, 0.0],
+                         [9.0, 0.0, 0.0]]])
+    ids = jnp.array([[1, 2, 1, 1]])  # right, wrong, tie, (not chosen)
+    weights = jnp.array([[1.0, 2.0, 1.0, 0.0]])
+    m = mlm_metrics(logits, ids, weights)
+    acc_sum, count = m["mlm_accuracy"]
+    assert float(count) == 4.0 and float(acc_sum) == 2.0  # 1 (right) + 1 (tie)
+    lse = jax.nn.logsumexp(logits[0], -1)
+    want = (lse[0] - 2.0) + 2 * (lse[1] - 0.0) + (lse[2] - 1.0)
+    np.testing.assert_allclose(float(m["mlm_loss"][0]), float(want), rtol=1e-6)
+

@@ -24,8 +24,14 @@ from lm.objectives.base import Batch, Data, Metrics, Objective
 def mlm_metrics(logits_BPV: jnp.ndarray, ids_BP: jnp.ndarray, weights_BP: jnp.ndarray
                 ) -> Metrics:
     """Masked-LM loss and accuracy as (sum, count) over the positions with weight > 0."""
-    ce_BP = optax.softmax_cross_entropy_with_integer_labels(logits_BPV.astype(jnp.float32), ids_BP)
-    correct_BP = (jnp.argmax(logits_BPV, -1) == ids_BP).astype(jnp.float32)
+    logits_BPV = logits_BPV.astype(jnp.float32)
+    ce_BP = optax.softmax_cross_entropy_with_integer_labels(logits_BPV, ids_BP)
+    # correct: the target's logit is the largest (exact ties count as correct, unlike
+    # argmax's first index). An argmax over the vocabulary is a variadic (value, index)
+    # reduction that took 15 ms of the 0.43 s BERT benchmark step; the max is shared with
+    # the softmax.
+    target_BP = jnp.take_along_axis(logits_BPV, ids_BP[..., None], -1)[..., 0]
+    correct_BP = (target_BP >= logits_BPV.max(-1)).astype(jnp.float32)
     weights_BP = weights_BP.astype(jnp.float32)
     # where(), not only a product: a non-finite logit at an unchosen position cannot leak
     # into the value.
