@@ -143,13 +143,11 @@ class Attention(nn.Module):
         out = _dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", in_axis=(-2, -1),
                      init_scale=self.out_init_scale)
         if self.decode and not self.cross:
-            ck_NKS, cv_NSK = self._update_cache(k_BSGK, v_BSGK)
-            if ck_NKS is None:  # init: shapes only
-                pass
-            elif q_BLHK.shape[1] == 1 and not return_probs:
-                return out(cached_attention(q_BLHK, ck_NKS, cv_NSK, mask, bias_BHLS, scale))
-            else:
-                k_BSGK, v_BSGK = _cache_views(ck_NKS, cv_NSK, q_BLHK.shape[0])
+            cache = self._update_cache(k_BSGK, v_BSGK)  # None at init (shapes only)
+            if cache is not None and q_BLHK.shape[1] == 1 and not return_probs:
+                return out(cached_attention(q_BLHK, *cache, mask, bias_BHLS, scale))
+            if cache is not None:
+                k_BSGK, v_BSGK = _cache_views(*cache, q_BLHK.shape[0])
 
         rng = None
         if not deterministic and cfg.attention_dropout_rate > 0:
@@ -165,7 +163,7 @@ class Attention(nn.Module):
 
     def _update_cache(self, k_BLGK: jnp.ndarray, v_BLGK: jnp.ndarray):
         """Writes this call's keys/values at the cache index and returns the whole cache:
-        keys [B*G, K, S], values [B*G, S, K] (None, None at init).
+        (keys [B*G, K, S], values [B*G, S, K]); None at init.
 
         Those are the operand layouts of q·kᵀ and p·v batched over (B, G), which XLA:CPU
         reads in place; stored [B, S, G, K], every layer's cache was copied into them at
@@ -180,7 +178,7 @@ class Attention(nn.Module):
         cv = self.variable("cache", "cached_value", jnp.zeros, (b * g, s, k), v_BLGK.dtype)
         ci = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if not initialized:
-            return None, None
+            return None
         ck.value = jax.lax.dynamic_update_slice(
             ck.value, k_BLGK.transpose(0, 2, 3, 1).reshape(b * g, k, length), (0, 0, ci.value))
         cv.value = jax.lax.dynamic_update_slice(
