@@ -223,13 +223,17 @@ def _char_peer_step():
     return run
 
 
-def timed(fn, steps: int) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) per call. On a shared machine the CPU
-    time is the steadier figure: time spent descheduled does not count."""
+def timed(fn, steps: int) -> tuple[float, float, float]:
+    """(wall seconds, this process's CPU seconds, minor page faults) per call. On a shared
+    machine the CPU time is the steadier figure: time spent descheduled does not count.
+    Page faults show buffers mapped afresh at every call (`lm.runtime`)."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         fn()
-    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return ((time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps,
+            faults / steps)
 
 
 def main() -> None:
@@ -291,7 +295,7 @@ def main() -> None:
     for r in range(args.rounds):
         for impl, fn in fns.items():
             k = args.steps_per_call if impl == "lm" else 1
-            t, cpu = (x / k for x in timed(fn, max(1, args.steps // k)))  # per step
+            t, cpu, faults = (x / k for x in timed(fn, max(1, args.steps // k)))  # per step
             times[impl].append(t)
             cpu_times[impl].append(cpu)
             gflops = flops_per_token * tokens / t / 1e9
@@ -303,7 +307,7 @@ def main() -> None:
                                "loss_chunk": args.loss_chunk, "accum": args.accum,
                                "steps_per_call": args.steps_per_call if impl == "lm" else 1},
                 "step_time_s": round(t, 4), "step_cpu_s": round(cpu, 4),
-                "tokens_per_sec": round(tokens / t, 1),
+                "page_faults_per_step": round(faults), "tokens_per_sec": round(tokens / t, 1),
                 "model_gflops_per_s": round(gflops, 1),
                 "mfu_vs_gemm_ceiling": round(gflops / ceiling[dtype], 3),
                 **({"mfu_vs_device_peak": round(gflops * 1e9 / peak, 3)}
