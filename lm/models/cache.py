@@ -18,6 +18,8 @@ import jax
 # In `split_rows`' view: rows on axis ndim - n, the sequence `SEQ_AFTER_ROW` axes later.
 ROW_AXIS_FROM_END = {"cached_key": 4, "cached_value": 4, "segment_ids": 2, "positions": 2}
 SEQ_AFTER_ROW = {"cached_key": 3, "cached_value": 2, "segment_ids": 1, "positions": 1}
+# the write indices (attention's key/value cache, the decoder's mask cache): no rows
+INDEX_LEAVES = ("cache_index", "index")
 _MERGED = ("cached_key", "cached_value")
 
 

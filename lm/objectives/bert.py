@@ -28,8 +28,8 @@ def mlm_metrics(logits_BPV: jnp.ndarray, ids_BP: jnp.ndarray, weights_BP: jnp.nd
     ce_BP = optax.softmax_cross_entropy_with_integer_labels(logits_BPV, ids_BP)
     # correct: the target's logit is the largest (exact ties count as correct, unlike
     # argmax's first index). An argmax over the vocabulary is a variadic (value, index)
-    # reduction that took 15 ms of the 0.43 s BERT benchmark step; the max is shared with
-    # the softmax.
+    # reduction that took 15 ms of the 0.43 s BERT benchmark step
+    # (benchmarks/profile_ops.py train_step --model bert); a max is a plain one.
     target_BP = jnp.take_along_axis(logits_BPV, ids_BP[..., None], -1)[..., 0]
     correct_BP = (target_BP >= logits_BPV.max(-1)).astype(jnp.float32)
     weights_BP = weights_BP.astype(jnp.float32)

@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from lm.generate import categorical_from_uniform
-from lm.models.cache import SEQ_AFTER_ROW, leaf_name, merge_rows, row_axis, split_rows
+from lm.models.cache import INDEX_LEAVES, SEQ_AFTER_ROW, leaf_name, merge_rows, row_axis, split_rows
 from lm.models.transformer import Decoder
 
 TOP_N = 20  # alternatives returned per position (the API's maximum `logprobs`)
-_INDEX_LEAVES = ("cache_index", "index")
 
 
 def empty_cache(model: Decoder, slots: int) -> Any:
@@ -39,7 +38,7 @@ def empty_cache(model: Decoder, slots: int) -> Any:
 def _set_index(cache, column):
     """Points every cache write index at `column` (the next write goes there)."""
     def put(path, leaf):
-        if leaf_name(path) in _INDEX_LEAVES:
+        if leaf_name(path) in INDEX_LEAVES:
             return jnp.full(leaf.shape, column, leaf.dtype)
         return leaf
     return jax.tree_util.tree_map_with_path(put, cache)
