@@ -505,6 +505,10 @@ def test_gelu_matches_exact_gelu_and_its_gradient():
     # The slope at known points: gelu'(0) = 1/2, gelu'(x) -> 1 for large x, -> 0 for small.
     np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(jnp.array([0.0, 10.0, -10.0])),
                                [0.5, 1.0, 0.0], atol=1e-6)
+    # The clamp in the backward pass never binds: the slope's extremes are inside it.
+    dense = jnp.linspace(-4.0, 4.0, 80001)
+    slope = jax.vmap(jax.grad(gelu))(dense)
+    np.testing.assert_allclose([slope.min(), slope.max()], [-0.12890, 1.12890], atol=1e-4)
     # What it is for: the backward pass keeps one array, the slope (autodiff keeps three).
     _, vjp = jax.vjp(gelu, x)
     assert [r.shape for r in jax.tree.leaves(vjp)] == [x.shape]
