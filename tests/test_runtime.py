@@ -10,7 +10,8 @@ import pytest
 
 from lm import runtime
 
-FLAG = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+FLAG = ("--xla_cpu_experimental_ynn_fusion_type="
+        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE")
 
 
 def test_adds_cpu_flags_after_existing_ones():
@@ -33,9 +34,9 @@ def test_never_overrides_the_user_or_untested_versions():
 
 _PROBE = """
 import lm, jax, jax.numpy as jnp
-f = jax.jit(lambda x, w: (jnp.tanh(x @ w) * 2.0).sum(-1))
-text = f.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
-print("reduce-outside-ynn" if "wrapped_reduce" in text else "reduce-inside-ynn")
+f = jax.jit(lambda x: jnp.tanh(jnp.exp(x) @ x) * 3 + x)
+entry = f.lower(jnp.ones((256, 256))).compile().as_text().split("ENTRY")[1]
+print(f"fusions-{entry.count(' fusion(')}")
 """
 
 
@@ -47,15 +48,15 @@ def test_flag_reaches_the_cpu_compiler(defaults):
         "LM_XLA_DEFAULTS": defaults, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
                          text=True, check=True).stdout.split()[-1]
-    # With the default YNNPACK fusion types the dot, tanh and reduction form one library
-    # fusion; restricted to dots, the reduction is XLA's own loop.
-    assert out == ("reduce-outside-ynn" if defaults == "1" else "reduce-inside-ynn")
+    # Ours (DOT,REDUCE) take the product with its elementwise neighbours into one YNNPACK
+    # fusion; XLA's default types leave the exp and the final multiply-add to its loops.
+    assert out == ("fusions-1" if defaults == "1" else "fusions-3")
 
 
 def test_compute_dtype_switches_only_our_flag_before_the_backend_starts():
     env = {}
     runtime.configure_xla(env, version="0.10.2")
-    bf16 = FLAG.replace("LIBRARY_FUSION_TYPE_DOT", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+    bf16 = FLAG.replace("TYPE_DOT", "TYPE_INDIVIDUAL_DOT")
     assert runtime.set_compute_dtype("bfloat16", env, started=False) == bf16
     assert env["XLA_FLAGS"] == bf16
     assert runtime.set_compute_dtype("float32", env, started=False) == FLAG

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from lm.models.attention import Attention
 from lm.models.config import ModelConfig
+from lm.models.custom_grads import add_bias, gelu, gelu_tanh, materialize_grad, scale_shift
 from lm.models.masks import Mask
 from lm.sharding import constrain
 
@@ -41,32 +42,6 @@ def tied_logits(x_BLD: jnp.ndarray, table_VD: jnp.ndarray, dtype) -> jnp.ndarray
                       preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
-def materialize_grad(x: jnp.ndarray) -> jnp.ndarray:
-    """Identity whose backward pass writes the cotangent to memory (CPU workaround).
-
-    XLA's CPU fusion recomputes the residual stream's gradient (the LayerNorm-backward
-    chain of every later sublayer) inside each transpose that feeds a weight-gradient
-    GEMM: O(layers^2) work, ~40 % of a small model's step. A product with an identity
-    is exact and cannot be fused through, so the gradient is computed once per sublayer.
-    The cotangent is viewed as [8, N / 8] and multiplied by an 8 x 8 identity: 16 FLOPs
-    per element, whatever the width (a [D, D] identity would cost 2 * D per element)."""
-    return x
-
-
-def _materialize_fwd(x):
-    return x, None
-
-
-def _materialize_bwd(_, g):
-    rows = 8 if g.size % 8 == 0 else 1
-    eye = jnp.eye(rows, dtype=g.dtype)
-    return (jnp.dot(eye, g.reshape(rows, -1), preferred_element_type=g.dtype).reshape(g.shape),)
-
-
-materialize_grad.defvjp(_materialize_fwd, _materialize_bwd)
-
-
 class Norm(nn.Module):
     """LayerNorm (scale + bias unless `norm_bias=False`) or RMSNorm (scale only), in fp32."""
 
@@ -80,49 +55,22 @@ class Norm(nn.Module):
                            (x.shape[-1],), cfg.params_dtype)
         if cfg.norm == "rmsnorm":
             y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.norm_eps)
-            return (y * scale).astype(cfg.compute_dtype)
-        mean = jnp.mean(x32, -1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-        if not cfg.norm_bias:
-            return (y * scale).astype(cfg.compute_dtype)
-        bias = self.param("bias", param_init(cfg, ("embed",), nn.initializers.zeros_init()),
-                          (x.shape[-1],), cfg.params_dtype)
-        return (y * scale + bias).astype(cfg.compute_dtype)
-
-
-@jax.custom_vjp
-def gelu(x: jnp.ndarray) -> jnp.ndarray:
-    """Exact (erf) GELU, x * Phi(x), whose backward pass keeps one residual: the derivative
-    Phi(x) + x * phi(x), computed in the forward fusion. Autodiff of `jax.nn.gelu` keeps
-    x and two erf/exp intermediates and rebuilds the derivative inside the backward
-    fusions (on CPU, inside the transposes that feed the weight-gradient GEMMs).
-
-    The derivative lies in [-0.129, 1.129]; clamping it to [-0.2, 1.2] changes no value
-    but is an op YNNPACK cannot fuse, so XLA computes the derivative in its own loop
-    instead of recomputing exp inside the backward pass's dot fusion (the [768, 512]
-    MLP-backward product of `char_lm:baby`: 1.3 ms there, 0.8 ms after)."""
-    return _gelu_fwd(x)[0]
-
-
-def _gelu_fwd(x):
-    cdf = 0.5 + 0.5 * jax.lax.erf(x * 2**-0.5)  # erf: one vectorised polynomial on CPU
-    pdf = jnp.exp(-0.5 * x * x) * (2 * jnp.pi) ** -0.5
-    return x * cdf, jnp.clip(cdf + x * pdf, -0.2, 1.2)  # never binds (docstring)
-
-
-def _gelu_bwd(slope, g):
-    return (g * slope,)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+        else:
+            mean = jnp.mean(x32, -1, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        bias = None
+        if cfg.norm == "layernorm" and cfg.norm_bias:
+            bias = self.param("bias", param_init(cfg, ("embed",), nn.initializers.zeros_init()),
+                              (x.shape[-1],), cfg.params_dtype)
+        return scale_shift(y, scale, bias).astype(cfg.compute_dtype)
 
 
 def activation(name: str, x: jnp.ndarray) -> jnp.ndarray:
     if name in ("gelu", "geglu"):
         return gelu(x)
     if name in ("gelu_tanh", "geglu_tanh"):
-        return jax.nn.gelu(x, approximate=True)
+        return gelu_tanh(x)
     if name == "swiglu":
         return jax.nn.silu(x)
     return jax.nn.relu(x)
@@ -150,7 +98,7 @@ class Dense(nn.Module):
             bias = self.param("bias", param_init(cfg, self.axes[-1:],
                                                  nn.initializers.zeros_init()),
                               (self.features,), cfg.params_dtype)
-            y = y + jnp.asarray(bias, cfg.compute_dtype)
+            y = add_bias(y, jnp.asarray(bias, cfg.compute_dtype))
         return y
 
 

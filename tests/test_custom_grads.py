@@ -1,0 +1,123 @@
+"""Hand-written backward passes (lm.models.custom_grads, the fused query/key/value
+projection): the same values and gradients as autodiff of the plain expressions, the same
+parameters as the modules they stand in for."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lm.models.attention as attention_lib
+from lm.models.attention import Attention, _qkv_product
+from lm.models.config import ModelConfig
+from lm.models.custom_grads import add_bias, gelu_tanh, scale_shift, sum_leading
+
+
+def _normal(seed, shape, scale=1.0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
+
+
+def _grads(f, *args):
+    """Gradients of a scalar that weights every output element differently."""
+    def loss(*a):
+        out = f(*a)
+        return jnp.sum(jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape) * out)
+    return jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+
+
+@pytest.mark.parametrize("shape,ndim", [((4, 6, 8), 1), ((4, 6, 8), 2), ((3, 5), 1)])
+def test_sum_leading_is_the_sum_over_leading_axes(shape, ndim):
+    g = _normal(0, shape)
+    want = np.asarray(g, np.float64).sum(axis=tuple(range(len(shape) - ndim)))
+    np.testing.assert_allclose(sum_leading(g, ndim), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(sum_leading, static_argnums=1)(g, ndim), want,
+                               rtol=1e-5, atol=1e-5)
+    assert sum_leading(g.astype(jnp.bfloat16), ndim).dtype == jnp.float32
+
+
+def test_add_bias_matches_autodiff():
+    x, b = _normal(0, (3, 7, 5)), _normal(1, (5,))
+    np.testing.assert_array_equal(add_bias(x, b), x + b)
+    for got, want in zip(_grads(add_bias, x, b), _grads(lambda x, b: x + b, x, b), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the bias keeps its dtype, the sum runs in x's: bf16 activations, fp32 parameters
+    gx, gb = jax.grad(lambda x, b: add_bias(x, b).astype(jnp.float32).sum(), (0, 1))(
+        x.astype(jnp.bfloat16), b)
+    assert (gx.dtype, gb.dtype) == (jnp.bfloat16, jnp.float32)
+    np.testing.assert_allclose(gb, np.full(5, 21.0))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_scale_shift_matches_autodiff(with_bias):
+    y, s, b = _normal(0, (2, 9, 6)), _normal(1, (6,)), _normal(2, (6,))
+    bias = b if with_bias else None
+
+    def plain(y, s, *rest):
+        return y * s + rest[0] if rest else y * s
+
+    args = (y, s, b) if with_bias else (y, s)
+    np.testing.assert_allclose(scale_shift(y, s, bias), plain(*args), rtol=1e-6)
+    got = _grads(lambda y, s, *rest: scale_shift(y, s, rest[0] if rest else None), *args)
+    for g, w in zip(got, _grads(plain, *args), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_tanh_matches_jax_and_its_gradient():
+    x = _normal(0, (4096,), 4)
+    ref = lambda v: jax.nn.gelu(v, approximate=True)  # noqa: E731
+    np.testing.assert_allclose(gelu_tanh(x), ref(x), rtol=0, atol=2e-6)
+    (g,), (g_ref,) = _grads(gelu_tanh, x), _grads(ref, x)
+    np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-5)
+    # the clamp of the slope never binds: its extremes lie inside [-0.2, 1.2]
+    slope = jax.vmap(jax.grad(gelu_tanh))(jnp.linspace(-6.0, 6.0, 120001))
+    np.testing.assert_allclose([slope.min(), slope.max()], [-0.12899, 1.12899], atol=1e-4)
+    _, vjp = jax.vjp(gelu_tanh, x)
+    assert [r.shape for r in jax.tree.leaves(vjp)] == [x.shape]  # one residual
+
+
+def test_qkv_product_matches_three_products():
+    x = _normal(0, (2, 5, 8))
+    kernels = [_normal(i, (8, n, 4)) for i, n in ((1, 4), (2, 2), (3, 2))]
+
+    def three(x, *ws):
+        return jnp.concatenate([jnp.einsum("bld,dnk->blnk", x, w) for w in ws], axis=2)
+
+    def fused(x, *ws):
+        return jnp.concatenate(_qkv_product(x, *ws), axis=2)
+
+    np.testing.assert_allclose(fused(x, *kernels), three(x, *kernels), rtol=1e-5, atol=1e-5)
+    for got, want in zip(_grads(fused, x, *kernels), _grads(three, x, *kernels), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_bias,kv_heads", [(False, 4), (True, 2)])
+def test_fused_projection_has_the_separate_parameters_and_outputs(monkeypatch, use_bias,
+                                                                  kv_heads):
+    """On CPU self-attention projects q, k, v in one product; its parameters (names,
+    shapes, logical axes, initial values) and outputs are those of the three DenseGeneral
+    projections that other backends (and cross-attention) use."""
+    cfg = ModelConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=4,
+                      num_kv_heads=kv_heads, mlp_dim=32, max_len=8, use_bias=use_bias)
+    x = _normal(0, (2, 8, 16))
+    module = Attention(cfg)
+    fused = module.init(jax.random.key(0), x, None)
+    monkeypatch.setattr(attention_lib.jax, "default_backend", lambda: "gpu")
+    separate = module.init(jax.random.key(0), x, None)
+    assert jax.tree.structure(fused) == jax.tree.structure(separate)
+    boxed = lambda v: hasattr(v, "names")  # noqa: E731
+    names = lambda t: [v.names for v in jax.tree.leaves(t, is_leaf=boxed)]  # noqa: E731
+    assert names(fused) == names(separate)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(separate), strict=True):
+        np.testing.assert_array_equal(a, b)
+    params = {"params": jax.tree.map(lambda v: v, separate["params"])}
+    params["params"]["query"]["kernel"] = params["params"]["query"]["kernel"].replace_boxed(
+        _normal(5, (16, 4, 4)))
+    if use_bias:
+        params["params"]["key"]["bias"] = params["params"]["key"]["bias"].replace_boxed(
+            _normal(6, (kv_heads, 4)))
+    want = module.apply(params, x, None)
+    monkeypatch.undo()
+    got = module.apply(params, x, None)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
