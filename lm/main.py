@@ -72,6 +72,9 @@ def main(argv: list[str]) -> None:
 
     if switched:
         logging.info("XLA CPU flag for %s compute: %s", config.model.dtype, switched)
+    cache = runtime.configure_compilation_cache()
+    if cache:
+        logging.info("compilation cache: %s (LM_COMPILATION_CACHE= turns it off)", cache)
 
     if config.train.distributed:
         # On TPU pods and SLURM/MPI clusters the arguments are detected; elsewhere pass

@@ -142,6 +142,33 @@ def set_async_dispatch(enabled: bool) -> bool:
     return True
 
 
+DEFAULT_COMPILATION_CACHE = "~/.cache/lm/jax"
+
+
+def configure_compilation_cache(env: MutableMapping[str, str] = os.environ) -> str | None:
+    """Keeps compiled programs in `LM_COMPILATION_CACHE` (default ~/.cache/lm/jax; empty
+    or 0 = off), JAX's persistent compilation cache, so that a later run of the same
+    shapes (a sweep's next point, a resumed run) skips XLA's compilation: the
+    `char_lm:baby` training call took 5.2 s to compile, 1.8 s read back (tracing and
+    lowering remain). Programs that compile in under half a second are not kept. Results
+    are unchanged (the cache key covers the program, the XLA flags and the jaxlib
+    version). Returns the directory in use, or None (off, or the directory cannot be
+    created: the run compiles afresh). `lm.main` calls it; library users may too."""
+    path = env.get("LM_COMPILATION_CACHE", DEFAULT_COMPILATION_CACHE)
+    if path in ("", "0"):
+        return None
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
 def peer_env(env: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     """The environment for a benchmark's peer process (PyTorch, transformers): ours with
     lm's process settings off, so the peer runs as its own users run it even where it

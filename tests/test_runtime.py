@@ -164,3 +164,39 @@ def test_async_dispatch_can_be_turned_back_on_before_the_backend_starts():
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+_CACHE_PROBE = """
+import jax, jax.numpy as jnp
+from jax import monitoring
+from lm import runtime
+events = []
+monitoring.register_event_listener(lambda name, **kw: events.append(name))
+print("dir", runtime.configure_compilation_cache())
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # this tiny program too
+f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+print("value", float(f(jnp.arange(64.0).reshape(8, 8) / 64)))
+print("hits", events.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_compilation_cache_is_read_by_a_later_process(tmp_path):
+    cache = tmp_path / "jax"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "LM_COMPILATION_CACHE": str(cache)}
+
+    def run(extra=None):
+        out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env={**env, **(extra or {})},
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+        return dict(line.split(" ", 1) for line in out if line)
+
+    first, second = run(), run()
+    assert first["dir"] == second["dir"] == str(cache)
+    # written by the first process (every program of the probe), read back by the second
+    assert first["hits"] == "0" and int(second["hits"]) >= 1
+    assert first["value"] == second["value"]
+    assert any(cache.iterdir())
+    off = run({"LM_COMPILATION_CACHE": ""})
+    assert (off["dir"], off["hits"]) == ("None", "0")
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the directory should be: no cache, no error
+    assert run({"LM_COMPILATION_CACHE": str(blocked / "jax")})["dir"] == "None"
