@@ -121,3 +121,17 @@ def test_fused_projection_has_the_separate_parameters_and_outputs(monkeypatch, u
     monkeypatch.undo()
     got = module.apply(params, x, None)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(8, 24), (24, 8)])  # each transposes the smaller side
+def test_dense_product_matches_autodiff(d_in, d_out):
+    from lm.models.custom_grads import dense_product
+
+    x, w = _normal(0, (3, 5, d_in)), _normal(1, (d_in, d_out))
+    np.testing.assert_allclose(dense_product(x, w), x @ w, rtol=1e-5, atol=1e-5)
+    got, want = _grads(dense_product, x, w), _grads(lambda x, w: x @ w, x, w)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    gx, gw = jax.grad(lambda x, w: dense_product(x, w).astype(jnp.float32).sum(), (0, 1))(
+        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert (gx.dtype, gw.dtype) == (jnp.bfloat16, jnp.bfloat16)

@@ -8,7 +8,14 @@ import jax.numpy as jnp
 
 from lm.models.attention import Attention
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import add_bias, gelu, gelu_tanh, materialize_grad, scale_shift
+from lm.models.custom_grads import (
+    add_bias,
+    dense_product,
+    gelu,
+    gelu_tanh,
+    materialize_grad,
+    scale_shift,
+)
 from lm.models.masks import Mask
 from lm.sharding import constrain
 
@@ -93,7 +100,8 @@ class Dense(nn.Module):
             "kernel", param_init(cfg, self.axes, nn.initializers.normal(
                 cfg.init_std * self.init_scale)),
             (x.shape[-1], self.features), cfg.params_dtype)
-        y = jnp.dot(x.astype(cfg.compute_dtype), jnp.asarray(kernel, cfg.compute_dtype))
+        x, kernel = x.astype(cfg.compute_dtype), jnp.asarray(kernel, cfg.compute_dtype)
+        y = dense_product(x, kernel) if jax.default_backend() == "cpu" else jnp.dot(x, kernel)
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias = self.param("bias", param_init(cfg, self.axes[-1:],
                                                  nn.initializers.zeros_init()),
