@@ -9,9 +9,9 @@ faster in fp32 and bf16, BERT's 6 % and decoding 5-10 % (the max and sum over a 
 logits row: 28 and 10 ms per [512, 50257] chunk in XLA's loops, 9 and 5 ms in YNNPACK),
 `char_lm:baby` unchanged (benchmarks/train_step.py, A/B on the same machine). YNNPACK's
 max ignores NaN where XLA's propagates it; a NaN logit still makes the loss NaN through
-the softmax's sum. The flag is experimental, and an
-unknown flag aborts XLA at start-up, so it is set only for jaxlib versions it was measured
-on, never over a value the user set, and not at all with `LM_XLA_DEFAULTS=0`.
+the softmax's sum. The flag is experimental, and an unknown flag aborts XLA at start-up,
+so it is set only for jaxlib versions it was measured on, never over a value the user
+set, and not at all with `LM_XLA_DEFAULTS=0`.
 Accelerator backends ignore CPU flags.
 
 The best setting depends on the compute dtype. Restricted to `DOT`, XLA upcasts a bf16

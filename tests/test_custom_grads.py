@@ -118,9 +118,13 @@ def test_fused_projection_has_the_separate_parameters_and_outputs(monkeypatch, u
         params["params"]["key"]["bias"] = params["params"]["key"]["bias"].replace_boxed(
             _normal(6, (kv_heads, 4)))
     want = module.apply(params, x, None)
+    separate_dots = str(jax.make_jaxpr(module.apply)(params, x, None)).count("dot_general")
     monkeypatch.undo()
     got = module.apply(params, x, None)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # and on CPU it is one product: two projection products fewer than the separate path
+    fused_dots = str(jax.make_jaxpr(module.apply)(params, x, None)).count("dot_general")
+    assert fused_dots == separate_dots - 2
 
 
 @pytest.mark.parametrize("d_in,d_out", [(8, 24), (24, 8)])  # each transposes the smaller side
@@ -135,3 +139,18 @@ def test_dense_product_matches_autodiff(d_in, d_out):
     gx, gw = jax.grad(lambda x, w: dense_product(x, w).astype(jnp.float32).sum(), (0, 1))(
         x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     assert (gx.dtype, gw.dtype) == (jnp.bfloat16, jnp.bfloat16)
+
+
+def test_dense_layer_uses_dense_product_on_cpu_only(monkeypatch):
+    from lm.models.layers import Dense
+
+    cfg = ModelConfig(vocab_size=11, d_model=8, num_layers=1, num_heads=2, mlp_dim=16,
+                      max_len=8)
+    layer, x = Dense(cfg, 16, ("embed", "mlp"), use_bias=False), _normal(0, (2, 3, 8))
+    params = layer.init(jax.random.key(0), x)
+    traced = lambda: str(jax.make_jaxpr(layer.apply)(params, x))  # noqa: E731
+    assert "custom_vjp_call" in traced()
+    monkeypatch.setattr(attention_lib.jax, "default_backend", lambda: "gpu")
+    assert "custom_vjp_call" not in traced()
+    np.testing.assert_allclose(layer.apply(params, x), x @ params["params"]["kernel"].unbox(),
+                               rtol=1e-6)

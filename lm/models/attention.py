@@ -18,7 +18,7 @@ from flax.core import meta
 
 from lm.models import positions as pos_lib
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import add_bias
+from lm.models.custom_grads import add_bias, on_cpu
 from lm.models.masks import Mask
 from lm.sharding import constrain
 
@@ -151,8 +151,7 @@ def fused_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> list[jnp.ndarray]
     dtype = cfg.compute_dtype
     kernels = [jnp.asarray(kernel, dtype) for kernel, _ in params]
     outs = _qkv_product(x_BLD.astype(dtype), *kernels)
-    return [o if b is None else add_bias(o, jnp.asarray(b, dtype))
-            for o, (_, b) in zip(outs, params, strict=True)]
+    return [o if b is None else add_bias(o, b) for o, (_, b) in zip(outs, params, strict=True)]
 
 
 @jax.custom_vjp
@@ -200,7 +199,7 @@ class Attention(nn.Module):
         # Without run-time scaling (T5) the query init carries the 1/sqrt(K).
         q_scale = 1.0 if cfg.scale_attention else k**-0.5
         axes = ("embed", "heads", "kv")
-        if kv_BSD is None and jax.default_backend() == "cpu":
+        if kv_BSD is None and on_cpu():
             params = [Projection(cfg, (n, k), axes, s, name=name)(x_BLD.shape[-1])
                       for n, s, name in ((h, q_scale, "query"), (g, 1.0, "key"),
                                          (g, 1.0, "value"))]

@@ -14,6 +14,7 @@ from lm.models.custom_grads import (
     gelu,
     gelu_tanh,
     materialize_grad,
+    on_cpu,
     scale_shift,
 )
 from lm.models.masks import Mask
@@ -101,12 +102,12 @@ class Dense(nn.Module):
                 cfg.init_std * self.init_scale)),
             (x.shape[-1], self.features), cfg.params_dtype)
         x, kernel = x.astype(cfg.compute_dtype), jnp.asarray(kernel, cfg.compute_dtype)
-        y = dense_product(x, kernel) if jax.default_backend() == "cpu" else jnp.dot(x, kernel)
+        y = dense_product(x, kernel) if on_cpu() else jnp.dot(x, kernel)
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias = self.param("bias", param_init(cfg, self.axes[-1:],
                                                  nn.initializers.zeros_init()),
                               (self.features,), cfg.params_dtype)
-            y = add_bias(y, jnp.asarray(bias, cfg.compute_dtype))
+            y = add_bias(y, bias)  # cast to y's dtype inside; the gradient stays in fp32
         return y
 
 
@@ -151,7 +152,7 @@ class Block(nn.Module):
         det = self.deterministic
 
         def sublayer(x, name, fn):
-            if jax.default_backend() == "cpu":
+            if on_cpu():
                 x = materialize_grad(x)
             drop = nn.Dropout(cfg.dropout_rate)
             if cfg.pre_norm:
