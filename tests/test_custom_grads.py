@@ -12,7 +12,7 @@ import pytest
 import lm.models.attention as attention_lib
 from lm.models.attention import Attention, _qkv_product
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import add_bias, gelu_tanh, scale_shift, sum_leading
+from lm.models.custom_grads import gelu_tanh
 
 
 def _normal(seed, shape, scale=1.0):
@@ -25,43 +25,6 @@ def _grads(f, *args):
         out = f(*a)
         return jnp.sum(jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape) * out)
     return jax.grad(loss, argnums=tuple(range(len(args))))(*args)
-
-
-@pytest.mark.parametrize("shape,ndim", [((4, 6, 8), 1), ((4, 6, 8), 2), ((3, 5), 1)])
-def test_sum_leading_is_the_sum_over_leading_axes(shape, ndim):
-    g = _normal(0, shape)
-    want = np.asarray(g, np.float64).sum(axis=tuple(range(len(shape) - ndim)))
-    np.testing.assert_allclose(sum_leading(g, ndim), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jax.jit(sum_leading, static_argnums=1)(g, ndim), want,
-                               rtol=1e-5, atol=1e-5)
-    assert sum_leading(g.astype(jnp.bfloat16), ndim).dtype == jnp.float32
-
-
-def test_add_bias_matches_autodiff():
-    x, b = _normal(0, (3, 7, 5)), _normal(1, (5,))
-    np.testing.assert_array_equal(add_bias(x, b), x + b)
-    for got, want in zip(_grads(add_bias, x, b), _grads(lambda x, b: x + b, x, b), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # the bias keeps its dtype, the sum runs in x's: bf16 activations, fp32 parameters
-    gx, gb = jax.grad(lambda x, b: add_bias(x, b).astype(jnp.float32).sum(), (0, 1))(
-        x.astype(jnp.bfloat16), b)
-    assert (gx.dtype, gb.dtype) == (jnp.bfloat16, jnp.float32)
-    np.testing.assert_allclose(gb, np.full(5, 21.0))
-
-
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_scale_shift_matches_autodiff(with_bias):
-    y, s, b = _normal(0, (2, 9, 6)), _normal(1, (6,)), _normal(2, (6,))
-    bias = b if with_bias else None
-
-    def plain(y, s, *rest):
-        return y * s + rest[0] if rest else y * s
-
-    args = (y, s, b) if with_bias else (y, s)
-    np.testing.assert_allclose(scale_shift(y, s, bias), plain(*args), rtol=1e-6)
-    got = _grads(lambda y, s, *rest: scale_shift(y, s, rest[0] if rest else None), *args)
-    for g, w in zip(got, _grads(plain, *args), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_gelu_tanh_matches_jax_and_its_gradient():

@@ -18,7 +18,7 @@ from flax.core import meta
 
 from lm.models import positions as pos_lib
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import add_bias, on_cpu
+from lm.models.custom_grads import on_cpu
 from lm.models.masks import Mask
 from lm.sharding import constrain
 
@@ -151,7 +151,8 @@ def fused_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> list[jnp.ndarray]
     dtype = cfg.compute_dtype
     kernels = [jnp.asarray(kernel, dtype) for kernel, _ in params]
     outs = _qkv_product(x_BLD.astype(dtype), *kernels)
-    return [o if b is None else add_bias(o, b) for o, (_, b) in zip(outs, params, strict=True)]
+    return [o if b is None else o + jnp.asarray(b, dtype)
+            for o, (_, b) in zip(outs, params, strict=True)]
 
 
 @jax.custom_vjp

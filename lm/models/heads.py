@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import add_bias
 from lm.models.layers import Dense, Norm, activation, tied_logits
 from lm.models.transformer import Decoder, Encoder
 
@@ -35,7 +34,7 @@ class MLMHead(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                ("vocab",)),
                           (cfg.vocab_size,), cfg.params_dtype)
-        return add_bias(tied_logits(h_BPD, embedding_VD, cfg.compute_dtype), bias)
+        return tied_logits(h_BPD, embedding_VD, cfg.compute_dtype) + bias
 
 
 class Pooler(nn.Module):

@@ -8,15 +8,7 @@ import jax.numpy as jnp
 
 from lm.models.attention import Attention
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import (
-    add_bias,
-    dense_product,
-    gelu,
-    gelu_tanh,
-    materialize_grad,
-    on_cpu,
-    scale_shift,
-)
+from lm.models.custom_grads import dense_product, gelu, gelu_tanh, materialize_grad, on_cpu
 from lm.models.masks import Mask
 from lm.sharding import constrain
 
@@ -63,15 +55,15 @@ class Norm(nn.Module):
                            (x.shape[-1],), cfg.params_dtype)
         if cfg.norm == "rmsnorm":
             y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.norm_eps)
-        else:
-            mean = jnp.mean(x32, -1, keepdims=True)
-            var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
-            y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-        bias = None
-        if cfg.norm == "layernorm" and cfg.norm_bias:
-            bias = self.param("bias", param_init(cfg, ("embed",), nn.initializers.zeros_init()),
-                              (x.shape[-1],), cfg.params_dtype)
-        return scale_shift(y, scale, bias).astype(cfg.compute_dtype)
+            return (y * scale).astype(cfg.compute_dtype)
+        mean = jnp.mean(x32, -1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        if not cfg.norm_bias:
+            return (y * scale).astype(cfg.compute_dtype)
+        bias = self.param("bias", param_init(cfg, ("embed",), nn.initializers.zeros_init()),
+                          (x.shape[-1],), cfg.params_dtype)
+        return (y * scale + bias).astype(cfg.compute_dtype)
 
 
 def activation(name: str, x: jnp.ndarray) -> jnp.ndarray:
@@ -107,7 +99,7 @@ class Dense(nn.Module):
             bias = self.param("bias", param_init(cfg, self.axes[-1:],
                                                  nn.initializers.zeros_init()),
                               (self.features,), cfg.params_dtype)
-            y = add_bias(y, bias)  # cast to y's dtype inside; the gradient stays in fp32
+            y = y + jnp.asarray(bias, cfg.compute_dtype)
         return y
 
 

@@ -1,0 +1,83 @@
+"""Single XLA:CPU operations behind lm's CPU choices, timed alone (one JSON line each).
+
+    python benchmarks/cpu_ops.py                       # lm's XLA flags
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT \\
+        python benchmarks/cpu_ops.py                   # reductions in XLA's own loops
+
+- row max / row sum over a [512, 50257] logits chunk (the softmax of the fused loss):
+  where YNNPACK takes reductions (lm's flag) and where XLA's loops do;
+- a bias gradient of [16, 128, 1024] activations (batch, length, width) as a reduction
+  over the leading axes and as a ones-vector product (`lm.models.custom_grads.sum_leading`);
+- the three [512, 50257] x 256 products of one loss chunk (forward and both gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from lm import runtime  # noqa: E402  (sets lm's XLA flags before JAX starts)
+
+
+def best_ms(fn, *args, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int]):
+    import jax
+    import jax.numpy as jnp
+
+    def dot(a, b, contract):
+        return jax.lax.dot_general(a, b, (contract, ((), ())))
+
+    key = jax.random.key(0)
+    logits = jax.random.normal(key, (rows, vocab))
+    table = jax.random.normal(key, (vocab, width))
+    h = jax.random.normal(key, (rows, width))
+    grad = jax.random.normal(key, bias_shape)
+    ones = jnp.ones((bias_shape[0] * bias_shape[1],))
+    return {
+        "row_max": (lambda x: jnp.max(x, -1), (logits,)),
+        "row_sum": (lambda x: jnp.sum(x, -1), (logits,)),
+        "bias_grad_reduce": (lambda g: jnp.sum(g, (0, 1)), (grad,)),
+        "bias_grad_ones_product": (lambda g: ones @ g.reshape(ones.shape[0], -1), (grad,)),
+        "logits_h_Et": (lambda h, e: dot(h, e, ((1,), (1,))), (h, table)),
+        "dh_g_E": (lambda g, e: g @ e, (logits, table)),
+        "dE_gt_h": (lambda g, h: dot(g, h, ((0,), (0,))), (logits, h)),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--bias_shape", type=int, nargs=3, default=[16, 128, 1024])
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    import jax
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    for name, (fn, operands) in ops(args.vocab, args.rows, args.width,
+                                    tuple(args.bias_shape)).items():
+        ms = best_ms(jax.jit(fn), *operands, repeats=args.repeats)
+        print(json.dumps({"what": "cpu_op", "op": name,
+                          "shapes": [list(o.shape) for o in operands], "best_ms": round(ms, 3),
+                          "xla_flags": flags, "cpu_flags": runtime.cpu_flags()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

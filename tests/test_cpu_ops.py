@@ -1,0 +1,48 @@
+"""benchmarks/cpu_ops.py: every op it times computes what its name says."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("cpu_ops", ROOT / "benchmarks" / "cpu_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ops_compute_their_reference_values():
+    ops = _module().ops(vocab=37, rows=6, width=5, bias_shape=(3, 3, 4))
+    (x,) = ops["row_max"][1]
+    x = np.asarray(x, np.float64)
+    want = {"row_max": x.max(-1), "row_sum": x.sum(-1)}
+    (g,) = ops["bias_grad_reduce"][1]
+    want["bias_grad_reduce"] = want["bias_grad_ones_product"] = np.asarray(g).sum((0, 1))
+    h, e = (np.asarray(a, np.float64) for a in ops["logits_h_Et"][1])
+    want.update(logits_h_Et=h @ e.T, dh_g_E=x @ e, dE_gt_h=x.T @ h)
+    assert set(ops) == set(want)
+    for name, (fn, operands) in ops.items():
+        np.testing.assert_allclose(jax.jit(fn)(*operands), want[name], rtol=1e-4, atol=1e-4,
+                                   err_msg=name)
+
+
+def test_prints_one_line_per_op():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_ops.py"), "--vocab", "64", "--rows",
+         "8", "--width", "4", "--bias_shape", "2", "8", "8", "--repeats", "2"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        check=True).stdout.splitlines()
+    lines = [json.loads(line) for line in out]
+    assert [r["op"] for r in lines] == list(_module().ops(8, 2, 2, (2, 2, 2)))
+    assert all(r["what"] == "cpu_op" and r["best_ms"] > 0 for r in lines)
