@@ -5,8 +5,9 @@ On our training steps its elementwise fusions are slower than XLA's own loops, w
 dots are the fastest available and its reductions beat XLA's reduce-window trees on
 large rows: restricting YNNPACK to dots made the `char_lm:baby` step 1.3x faster than
 the default, and adding reductions back (`DOT,REDUCE`) made the GPT benchmark step 7 %
-faster in fp32 and bf16, BERT's 6 % and decoding 5-10 % (the max and sum over a 50,257
-logits row: 28 and 10 ms per [512, 50257] chunk in XLA's loops, 9 and 5 ms in YNNPACK),
+faster in fp32 and bf16, BERT's 6 % and decoding 5-10 % (the max and sum over a
+[512, 50257] logits chunk: 27-29 and 7-8 ms in XLA's loops, 6-10 and 4-6 ms in YNNPACK,
+`benchmarks/cpu_ops.py`),
 `char_lm:baby` unchanged (benchmarks/train_step.py, A/B on the same machine). YNNPACK's
 max ignores NaN where XLA's propagates it; a NaN logit still makes the loss NaN through
 the softmax's sum. The flag is experimental, and an unknown flag aborts XLA at start-up,
