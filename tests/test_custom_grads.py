@@ -117,3 +117,34 @@ def test_dense_layer_uses_dense_product_on_cpu_only(monkeypatch):
     assert "custom_vjp_call" not in traced()
     np.testing.assert_allclose(layer.apply(params, x), x @ params["params"]["kernel"].unbox(),
                                rtol=1e-6)
+
+
+def test_softmax_matches_jax_and_its_gradient_with_masked_rows():
+    from lm.models.custom_grads import softmax
+
+    logits = _normal(0, (2, 3, 5, 7), 3)
+    # a fully masked row (attention's padding queries) and a partly masked one
+    logits = logits.at[0, 0, 0].set(-1e30).at[1, 2, 3, :4].set(-1e30)
+    ref = lambda v: jax.nn.softmax(v, axis=-1)  # noqa: E731
+    np.testing.assert_allclose(softmax(logits), ref(logits), rtol=1e-6, atol=1e-7)
+    (g,), (g_ref,) = _grads(softmax, logits), _grads(ref, logits)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(np.asarray(g)).all()
+    _, vjp = jax.vjp(softmax, logits)
+    assert [r.shape for r in jax.tree.leaves(vjp)] == [logits.shape]  # probabilities only
+
+
+def test_attention_uses_the_softmax_on_cpu_only(monkeypatch):
+    from lm.models.attention import dot_product_attention
+
+    q, k, v = _normal(0, (2, 4, 2, 8)), _normal(1, (2, 4, 2, 8)), _normal(2, (2, 4, 2, 8))
+
+    def traced():
+        return str(jax.make_jaxpr(lambda q: dot_product_attention(q, k, v))(q))
+
+    assert "custom_vjp_call" in traced()
+    want = jax.grad(lambda q: dot_product_attention(q, k, v).sum())(q)
+    monkeypatch.setattr(attention_lib.jax, "default_backend", lambda: "gpu")
+    assert "custom_vjp_call" not in traced()
+    np.testing.assert_allclose(jax.grad(lambda q: dot_product_attention(q, k, v).sum())(q),
+                               want, rtol=1e-5, atol=1e-6)

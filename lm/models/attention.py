@@ -18,7 +18,7 @@ from flax.core import meta
 
 from lm.models import positions as pos_lib
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import on_cpu
+from lm.models.custom_grads import on_cpu, softmax
 from lm.models.masks import Mask
 from lm.sharding import constrain
 
@@ -63,7 +63,7 @@ def dot_product_attention(
             bias_BHLS.shape[0], g, r, *bias_BHLS.shape[2:])
     if mask is not None:
         logits_BGRLS = jnp.where(mask.allowed()[:, :, None], logits_BGRLS, _NEG)
-    probs_BGRLS = jax.nn.softmax(logits_BGRLS, axis=-1)
+    probs_BGRLS = softmax(logits_BGRLS) if on_cpu() else jax.nn.softmax(logits_BGRLS, axis=-1)
     if dropout_rate > 0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BGRLS.shape)
         probs_BGRLS = jnp.where(keep, probs_BGRLS / (1.0 - dropout_rate), 0.0)

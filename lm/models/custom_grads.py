@@ -109,3 +109,24 @@ def _dense_bwd(res, g):
 
 
 dense_product.defvjp(_dense_fwd, _dense_bwd)
+
+
+@jax.custom_vjp
+def softmax(logits: jnp.ndarray) -> jnp.ndarray:
+    """softmax over the last axis whose backward pass reads the saved probabilities once:
+    p * (g - sum(p * g)). jax.nn.softmax saves exp(logits - max) and 1 / sum and
+    recomputes p inside the reduction of its backward pass, a three-input YNNPACK fusion
+    that ran 2x slower than the two-input one."""
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_fwd(logits):
+    probs = jax.nn.softmax(logits, axis=-1)
+    return probs, probs
+
+
+def _softmax_bwd(probs, g):
+    return (probs * (g - jnp.sum(probs * g, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
