@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 
+import grain
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -422,3 +424,84 @@ def test_fetch_url_checks_the_checksum_and_caches(tmp_path):
     other.write_text("something else")
     with pytest.raises(ValueError, match="data.sha256"):
         fetch_url(other.as_uri(), digest[::-1], str(cache))
+
+
+class _Same(grain.transforms.Map):
+    """An identity transform: keeps make_train_iterator on grain's DataLoader."""
+
+    def map(self, element):
+        return element
+
+
+class _Nested:
+    """A generic random-access source with nested and scalar fields."""
+
+    def __len__(self) -> int:
+        return 23
+
+    def __getitem__(self, i: int):
+        return {"a": np.full(3, i, np.int32), "meta": {"len": np.float32(i) / 2}}
+
+    def __repr__(self) -> str:
+        return "_Nested(23)"
+
+
+def _windows_sources():
+    tokens = np.random.default_rng(0).integers(0, 50, 400).astype(np.int32)
+    docs = np.cumsum(np.random.default_rng(1).random(400) < 0.05).astype(np.int32)
+    return {"chunk": pipeline.LMWindows(tokens, None, 8, stride=3),
+            "documents": pipeline.LMWindows(tokens, docs, 8, pack="documents"),
+            "nested": _Nested()}
+
+
+@pytest.mark.parametrize("kind", ["chunk", "documents", "nested"])
+@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
+def test_sampled_batches_are_grains_batches_and_states(kind, process_index, process_count):
+    source = _windows_sources()[kind]
+
+    def make(transforms=()):
+        return pipeline.make_train_iterator(
+            source, batch_size=4, seed=7, process_index=process_index,
+            process_count=process_count, transforms=transforms)
+
+    fast, ref = make(), make((_Same(),))
+    assert isinstance(fast, pipeline.SampledBatches)
+    assert not isinstance(ref, pipeline.SampledBatches)
+    assert fast.get_state() == ref.get_state()
+    for _ in range(9):
+        got, want = next(fast), next(ref)
+        jax.tree.map(lambda g, w: (np.testing.assert_array_equal(g, w),
+                                   _assert(g.dtype == w.dtype and g.shape == w.shape)),
+                     got, want)
+        assert fast.get_state() == ref.get_state()  # byte for byte
+    # each resumes from the other's state: the same next batches
+    state_fast, state_ref = fast.get_state(), ref.get_state()
+    a, b = make(), make((_Same(),))
+    a.set_state(state_ref)
+    b.set_state(state_fast)
+    for _ in range(3):
+        jax.tree.map(np.testing.assert_array_equal, next(a), next(b))
+
+
+def _assert(condition: bool) -> None:
+    assert condition
+
+
+def test_sampled_batches_end_of_epochs_and_bad_state():
+    source = pipeline.LMWindows(np.arange(41, dtype=np.int32), None, 4)  # 10 windows
+
+    def make(transforms=()):
+        return pipeline.make_train_iterator(source, batch_size=3, seed=0, num_epochs=2,
+                                            process_index=0, process_count=1,
+                                            transforms=transforms)
+
+    # 20 records in two epochs, in batches of 3; the partial batch is dropped as grain does
+    fast, ref = list(make()), list(make((_Same(),)))
+    assert len(fast) == len(ref) == 6
+    jax.tree.map(np.testing.assert_array_equal, fast, ref)
+    other = pipeline.make_train_iterator(source, batch_size=3, seed=1, process_index=0,
+                                         process_count=1)
+    with pytest.raises(ValueError, match="sampler"):
+        make().set_state(other.get_state())
+    with pytest.raises(IndexError):
+        source.batch([0, 10])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import re
 import tempfile
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from lm.data import sources as sources_lib
@@ -187,6 +189,23 @@ class LMWindows:
         docs = self.doc_ids[lo:hi] if self.pack == "documents" else None
         return pack_window(self.tokens[lo:hi], docs)
 
+    def batch(self, keys: list[int]) -> dict[str, np.ndarray]:
+        """The windows `keys`, stacked: one gather in 'chunk' mode, else window by window."""
+        if self.pack == "documents":
+            windows = [self[k] for k in keys]
+            return {name: np.stack([w[name] for w in windows]) for name in windows[0]}
+        starts = np.asarray(keys, np.int64)
+        if starts.size and not (0 <= starts.min() and starts.max() < len(self)):
+            raise IndexError(f"windows {keys} out of range [0, {len(self)})")
+        tokens = np.asarray(self.tokens[(starts * self.stride)[:, None]
+                                        + np.arange(self.seq_len + 1)], np.int32)
+        n = len(keys)
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                "weights": np.ones((n, self.seq_len), np.float32),
+                "segment_ids": np.ones((n, self.seq_len), np.int32),
+                "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32),
+                                             (n, self.seq_len)).copy()}
+
     def padding(self) -> dict[str, np.ndarray]:
         """An all-zero row (weights 0) that fills the last eval batch."""
         return padding_example(self.seq_len)
@@ -254,7 +273,7 @@ def make_train_iterator(
     process_count: int,
     worker_count: int = 0,
     transforms: tuple[grain.transforms.Transformation, ...] = (),
-) -> grain.DataLoaderIterator:
+) -> SampledBatches | grain.DataLoaderIterator:
     """This process' training batches [batch_size // process_count, L], resumable exactly.
 
     `transforms` run on each record before batching; a `grain.transforms.RandomMap` gets a
@@ -279,6 +298,8 @@ def make_train_iterator(
         num_epochs=num_epochs,
         seed=seed & 0xFFFFFFFF,  # grain wants a non-negative 32-bit seed
     ), batch_size, process_index, process_count)
+    if not transforms and worker_count == 0:
+        return SampledBatches(source, sampler, rows)
     loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,
@@ -290,6 +311,55 @@ def make_train_iterator(
         read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
     )
     return iter(loader)
+
+
+class SampledBatches:
+    """The batches `grain.DataLoader` yields for a source without per-record transforms
+    or worker processes (records `sampler[i]`, `rows` at a time, partial batches dropped),
+    without grain's per-record pipeline: a `char_lm:baby` batch of 12 windows took 0.78 ms
+    through grain, ~0.25 ms here (the sampler's shuffled index is most of it). A source
+    with `batch(keys)` cuts the whole batch at once. `get_state` / `set_state` write and
+    read grain's iterator state, so a checkpoint of either resumes the other exactly."""
+
+    def __init__(self, source: Any, sampler: GlobalBatchRows, rows: int):
+        self.source, self.sampler, self.rows = source, sampler, rows
+        self._next = 0  # the next record index in the sampler's order
+
+    def __iter__(self) -> SampledBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        start = self._next
+        if start + self.rows > len(self.sampler):
+            raise StopIteration
+        keys = [self.sampler[i].record_key for i in range(start, start + self.rows)]
+        self._next = start + self.rows
+        cut = getattr(self.source, "batch", None)
+        if cut is not None:
+            return cut(keys)
+        return jax.tree.map(lambda *xs: np.stack(xs), *[self.source[k] for k in keys])
+
+    def _reprs(self) -> dict[str, str]:
+        source = self.source
+        shown = str(type(source)) if isinstance(source, list | tuple | np.ndarray) else repr(
+            source)
+        return {"sampler": repr(self.sampler), "data_source": shown}
+
+    def get_state(self) -> bytes:
+        state = {"version": 2, "last_seen_indices": {"0": self._next - 1},
+                 "last_worker_index": -1, "worker_count": 0, **self._reprs()}
+        return json.dumps(state, indent=4).encode()  # grain's format, byte for byte
+
+    def set_state(self, state: bytes) -> None:
+        loaded = json.loads(state.decode())
+        if loaded.get("worker_count") != 0:
+            raise ValueError(f"data state: written with {loaded.get('worker_count')} grain "
+                             "workers, this run reads in-process (data.worker_count=0)")
+        for key, want in self._reprs().items():
+            if loaded.get(key) != want:
+                raise ValueError(f"data state: the checkpoint's {key} {loaded.get(key)!r} "
+                                 f"is not this run's {want!r}")
+        self._next = int(loaded["last_seen_indices"]["0"]) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +416,7 @@ class LMData:
     """What the trainer needs from the data layer."""
 
     tokenizer: tok_lib.Tokenizer
-    train_iter: grain.DataLoaderIterator
+    train_iter: SampledBatches | grain.DataLoaderIterator
     eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
     num_train_windows: int
     train_source: LMWindows
