@@ -148,3 +148,29 @@ def test_attention_uses_the_softmax_on_cpu_only(monkeypatch):
     assert "custom_vjp_call" not in traced()
     np.testing.assert_allclose(jax.grad(lambda q: dot_product_attention(q, k, v).sum())(q),
                                want, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_product_matches_autodiff():
+    from lm.models.custom_grads import tied_product
+
+    x, table = _normal(0, (2, 3, 8)), _normal(1, (11, 8))
+    ref = lambda x, t: jnp.einsum("bld,vd->blv", x, t)  # noqa: E731
+    np.testing.assert_allclose(tied_product(x, table), ref(x, table), rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(tied_product, x, table), _grads(ref, x, table), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_logits_use_tied_product_on_cpu_in_fp32_only(monkeypatch):
+    from lm.models.layers import tied_logits
+
+    x, table = _normal(0, (2, 3, 8)), _normal(1, (11, 8))
+
+    def traced(dtype):
+        return str(jax.make_jaxpr(lambda x, t: tied_logits(x, t, dtype))(x, table))
+
+    assert "custom_vjp_call" in traced(jnp.float32)
+    assert "custom_vjp_call" not in traced(jnp.bfloat16)  # bf16 keeps fp32 accumulation
+    want = tied_logits(x, table, jnp.float32)
+    monkeypatch.setattr(attention_lib.jax, "default_backend", lambda: "gpu")
+    assert "custom_vjp_call" not in traced(jnp.float32)
+    np.testing.assert_allclose(tied_logits(x, table, jnp.float32), want, rtol=1e-6)

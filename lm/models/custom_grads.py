@@ -130,3 +130,25 @@ def _softmax_bwd(probs, g):
 
 
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+@jax.custom_vjp
+def tied_product(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
+    """x @ tableᵀ ([..., D] x [V, D] -> [..., V], fp32 operands), whose table gradient
+    is computed as [D, V] = xᵀ g and transposed once, instead of copying the [N, V]
+    output gradient transposed for a [V, D] product."""
+    return jnp.einsum("...d,vd->...v", x, table)
+
+
+def _tied_fwd(x, table):
+    return tied_product(x, table), (x, table)
+
+
+def _tied_bwd(res, g):
+    x, table = res
+    dx = jnp.einsum("...v,vd->...d", g, table)
+    x_ND, g_NV = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    return dx, jnp.einsum("nd,nv->dv", x_ND, g_NV).T
+
+
+tied_product.defvjp(_tied_fwd, _tied_bwd)

@@ -8,7 +8,14 @@ import jax.numpy as jnp
 
 from lm.models.attention import Attention
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import dense_product, gelu, gelu_tanh, materialize_grad, on_cpu
+from lm.models.custom_grads import (
+    dense_product,
+    gelu,
+    gelu_tanh,
+    materialize_grad,
+    on_cpu,
+    tied_product,
+)
 from lm.models.masks import Mask
 from lm.sharding import constrain
 
@@ -38,8 +45,10 @@ class Embed(nn.Module):
 
 def tied_logits(x_BLD: jnp.ndarray, table_VD: jnp.ndarray, dtype) -> jnp.ndarray:
     """x @ Eᵀ in the compute dtype with fp32 accumulation and output (logits are fp32)."""
-    return jnp.einsum("bld,vd->blv", x_BLD.astype(dtype), jnp.asarray(table_VD, dtype),
-                      preferred_element_type=jnp.float32)
+    x_BLD, table_VD = x_BLD.astype(dtype), jnp.asarray(table_VD, dtype)
+    if on_cpu() and x_BLD.dtype == table_VD.dtype == jnp.float32:
+        return tied_product(x_BLD, table_VD)
+    return jnp.einsum("bld,vd->blv", x_BLD, table_VD, preferred_element_type=jnp.float32)
 
 
 class Norm(nn.Module):
