@@ -470,9 +470,9 @@ def test_sampled_batches_are_grains_batches_and_states(kind, process_index, proc
     assert fast.get_state() == ref.get_state()
     for _ in range(9):
         got, want = next(fast), next(ref)
-        jax.tree.map(lambda g, w: (np.testing.assert_array_equal(g, w),
-                                   _assert(g.dtype == w.dtype and g.shape == w.shape)),
-                     got, want)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(g, w, strict=True)  # values, shapes and dtypes
         assert fast.get_state() == ref.get_state()  # byte for byte
     # each resumes from the other's state: the same next batches
     state_fast, state_ref = fast.get_state(), ref.get_state()
@@ -481,10 +481,6 @@ def test_sampled_batches_are_grains_batches_and_states(kind, process_index, proc
     b.set_state(state_fast)
     for _ in range(3):
         jax.tree.map(np.testing.assert_array_equal, next(a), next(b))
-
-
-def _assert(condition: bool) -> None:
-    assert condition
 
 
 def test_sampled_batches_end_of_epochs_and_bad_state():

@@ -206,6 +206,10 @@ def test_metrics_fetcher_unstacks_a_call_of_several_steps():
 def test_metric_writer_does_not_import_torch(tmp_path):
     """tensorboardX imports PyTorch when installed (1.3 s of start-up); the writer keeps it
     out and still writes TensorBoard scalars."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed: nothing to keep out")
     code = (
         "import sys\n"
         "from lm import reporting\n"
@@ -213,10 +217,8 @@ def test_metric_writer_does_not_import_torch(tmp_path):
         "w.write(3, {'train/loss': 1.5})\n"
         "w.close()\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "import importlib.util\n"
-        "print(importlib.util.find_spec('torch') is not None)\n"
+        "import torch\n"  # and importable afterwards
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True)
-    assert out.stdout.strip() in ("True", "False")
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True)
     assert _read_tb_scalars(tmp_path / "tb") == {"train/loss": [(3, 1.5)]}

@@ -192,8 +192,7 @@ class LMWindows:
     def batch(self, keys: list[int]) -> dict[str, np.ndarray]:
         """The windows `keys`, stacked: one gather in 'chunk' mode, else window by window."""
         if self.pack == "documents":
-            windows = [self[k] for k in keys]
-            return {name: np.stack([w[name] for w in windows]) for name in windows[0]}
+            return stack_records([self[k] for k in keys])
         starts = np.asarray(keys, np.int64)
         if starts.size and not (0 <= starts.min() and starts.max() < len(self)):
             raise IndexError(f"windows {keys} out of range [0, {len(self)})")
@@ -313,6 +312,11 @@ def make_train_iterator(
     return iter(loader)
 
 
+def stack_records(records: list[Any]) -> Any:
+    """Records (dicts of arrays, nested or not) stacked field by field, as grain's Batch."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *records)
+
+
 class SampledBatches:
     """The batches `grain.DataLoader` yields for a source without per-record transforms
     or worker processes (records `sampler[i]`, `rows` at a time, partial batches dropped),
@@ -323,6 +327,8 @@ class SampledBatches:
 
     def __init__(self, source: Any, sampler: GlobalBatchRows, rows: int):
         self.source, self.sampler, self.rows = source, sampler, rows
+        self._cut = getattr(source, "batch", None) or (
+            lambda keys: stack_records([source[k] for k in keys]))
         self._next = 0  # the next record index in the sampler's order
 
     def __iter__(self) -> SampledBatches:
@@ -334,12 +340,10 @@ class SampledBatches:
             raise StopIteration
         keys = [self.sampler[i].record_key for i in range(start, start + self.rows)]
         self._next = start + self.rows
-        cut = getattr(self.source, "batch", None)
-        if cut is not None:
-            return cut(keys)
-        return jax.tree.map(lambda *xs: np.stack(xs), *[self.source[k] for k in keys])
+        return self._cut(keys)
 
     def _reprs(self) -> dict[str, str]:
+        """What grain's state names the sampler and source by (grain's private rule)."""
         source = self.source
         shown = str(type(source)) if isinstance(source, list | tuple | np.ndarray) else repr(
             source)
@@ -390,7 +394,7 @@ class EvalBatches:
             examples = [
                 self.source[i] if i < len(self.source) else pad for i in range(start, start + rows)
             ]
-            yield {k: np.stack([ex[k] for ex in examples]) for k in pad}
+            yield stack_records(examples)
 
 
 def make_eval_batches(
