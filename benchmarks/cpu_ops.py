@@ -7,8 +7,10 @@
 - row max / row sum over a [512, 50257] logits chunk (the softmax of the fused loss):
   where YNNPACK takes reductions (lm's flag) and where XLA's loops do;
 - a bias gradient of [16, 128, 1024] activations (batch, length, width) as a reduction
-  over the leading axes and as a ones-vector product (`lm.models.custom_grads.sum_leading`);
-- the three [512, 50257] x 256 products of one loss chunk (forward and both gradients).
+  over the leading axes and as a ones-vector product;
+- the three [512, 50257] x 256 products of one loss chunk (forward and both gradients),
+  the table gradient also as [D, V] then transposed (`--vocab 30522 --rows 320`: BERT's
+  MLM head).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int]):
         "logits_h_Et": (lambda h, e: dot(h, e, ((1,), (1,))), (h, table)),
         "dh_g_E": (lambda g, e: g @ e, (logits, table)),
         "dE_gt_h": (lambda g, h: dot(g, h, ((0,), (0,))), (logits, h)),
+        # the same table gradient as [D, V], transposed once (lm's fused loss, tied_product)
+        "dE_ht_g_then_T": (lambda g, h: dot(h, g, ((0,), (0,))).T, (logits, h)),
     }
 
 

@@ -30,7 +30,7 @@ def test_ops_compute_their_reference_values():
     (g,) = ops["bias_grad_reduce"][1]
     want["bias_grad_reduce"] = want["bias_grad_ones_product"] = np.asarray(g).sum((0, 1))
     h, e = (np.asarray(a, np.float64) for a in ops["logits_h_Et"][1])
-    want.update(logits_h_Et=h @ e.T, dh_g_E=x @ e, dE_gt_h=x.T @ h)
+    want.update(logits_h_Et=h @ e.T, dh_g_E=x @ e, dE_gt_h=x.T @ h, dE_ht_g_then_T=x.T @ h)
     assert set(ops) == set(want)
     for name, (fn, operands) in ops.items():
         np.testing.assert_allclose(jax.jit(fn)(*operands), want[name], rtol=1e-4, atol=1e-4,
