@@ -10,7 +10,10 @@
   over the leading axes and as a ones-vector product;
 - the three [512, 50257] x 256 products of one loss chunk (forward and both gradients),
   the table gradient also as [D, V] then transposed (`--vocab 30522 --rows 320`: BERT's
-  MLM head).
+  MLM head);
+- the attention softmax's backward p * (g - sum(p * g)) over `char_lm:baby`'s attention
+  table, laid out [B, G, 1, L, S] (a size-1 group axis) and [B, H, L, S]
+  (`--attention_shape B H L S`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def best_ms(fn, *args, repeats: int) -> float:
     return best * 1e3
 
 
-def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int]):
+def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
+        attention_shape: tuple[int, int, int, int] = (12, 4, 64, 64)):
     import jax
     import jax.numpy as jnp
 
@@ -51,6 +55,16 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int]):
     h = jax.random.normal(key, (rows, width))
     grad = jax.random.normal(key, bias_shape)
     ones = jnp.ones((bias_shape[0] * bias_shape[1],))
+    b, heads, length, keys = attention_shape
+    probs = jax.nn.softmax(jax.random.normal(key, attention_shape), -1)
+    dprobs = jax.random.normal(jax.random.key(1), attention_shape)
+
+    def softmax_bwd(p, g):
+        return p * (g - jnp.sum(p * g, -1, keepdims=True))
+
+    def grouped(x):
+        return x.reshape(b, heads, 1, length, keys)
+
     return {
         "row_max": (lambda x: jnp.max(x, -1), (logits,)),
         "row_sum": (lambda x: jnp.sum(x, -1), (logits,)),
@@ -61,6 +75,8 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int]):
         "dE_gt_h": (lambda g, h: dot(g, h, ((0,), (0,))), (logits, h)),
         # the same table gradient as [D, V], transposed once (lm's fused loss, tied_product)
         "dE_ht_g_then_T": (lambda g, h: dot(h, g, ((0,), (0,))).T, (logits, h)),
+        "softmax_bwd_BG1LS": (softmax_bwd, (grouped(probs), grouped(dprobs))),
+        "softmax_bwd_BHLS": (softmax_bwd, (probs, dprobs)),
     }
 
 
@@ -70,13 +86,15 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--bias_shape", type=int, nargs=3, default=[16, 128, 1024])
+    p.add_argument("--attention_shape", type=int, nargs=4, default=[12, 4, 64, 64])
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
     import jax
 
     flags = os.environ.get("XLA_FLAGS", "")
     for name, (fn, operands) in ops(args.vocab, args.rows, args.width,
-                                    tuple(args.bias_shape)).items():
+                                    tuple(args.bias_shape),
+                                    tuple(args.attention_shape)).items():
         ms = best_ms(jax.jit(fn), *operands, repeats=args.repeats)
         print(json.dumps({"what": "cpu_op", "op": name,
                           "shapes": [list(o.shape) for o in operands], "best_ms": round(ms, 3),

@@ -23,7 +23,8 @@ def _module():
 
 
 def test_ops_compute_their_reference_values():
-    ops = _module().ops(vocab=37, rows=6, width=5, bias_shape=(3, 3, 4))
+    ops = _module().ops(vocab=37, rows=6, width=5, bias_shape=(3, 3, 4),
+                        attention_shape=(2, 3, 4, 5))
     (x,) = ops["row_max"][1]
     x = np.asarray(x, np.float64)
     want = {"row_max": x.max(-1), "row_sum": x.sum(-1)}
@@ -31,6 +32,10 @@ def test_ops_compute_their_reference_values():
     want["bias_grad_reduce"] = want["bias_grad_ones_product"] = np.asarray(g).sum((0, 1))
     h, e = (np.asarray(a, np.float64) for a in ops["logits_h_Et"][1])
     want.update(logits_h_Et=h @ e.T, dh_g_E=x @ e, dE_gt_h=x.T @ h, dE_ht_g_then_T=x.T @ h)
+    p, g = (np.asarray(a, np.float64) for a in ops["softmax_bwd_BHLS"][1])
+    want["softmax_bwd_BHLS"] = p * g - p * (p * g).sum(-1, keepdims=True)
+    want["softmax_bwd_BG1LS"] = want["softmax_bwd_BHLS"][:, :, None]
+    np.testing.assert_allclose(ops["softmax_bwd_BG1LS"][1][0], p[:, :, None], rtol=1e-6)
     assert set(ops) == set(want)
     for name, (fn, operands) in ops.items():
         np.testing.assert_allclose(jax.jit(fn)(*operands), want[name], rtol=1e-4, atol=1e-4,
@@ -40,7 +45,8 @@ def test_ops_compute_their_reference_values():
 def test_prints_one_line_per_op():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "cpu_ops.py"), "--vocab", "64", "--rows",
-         "8", "--width", "4", "--bias_shape", "2", "8", "8", "--repeats", "2"],
+         "8", "--width", "4", "--bias_shape", "2", "8", "8", "--attention_shape", "2", "2", "4", "4",
+         "--repeats", "2"],
         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
         check=True).stdout.splitlines()
     lines = [json.loads(line) for line in out]

@@ -53,24 +53,31 @@ def dot_product_attention(
         return _fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS, impl, scale)
 
     r = h // g
-    q_BLGRK = q_BLHK.reshape(b, length, g, r, k)
+    if r == 1:  # no size-1 group axis: XLA:CPU's reductions over a [B, G, 1, L, S] table
+        # ran 10-20x slower than over [B, H, L, S] (benchmarks/cpu_ops.py, op softmax_bwd)
+        q, spec_logits, spec_out = q_BLHK, "blhk,bshk->bhls", "bhls,bshk->blhk"
+        mask_axes, bias_shape = (), None
+    else:
+        q = q_BLHK.reshape(b, length, g, r, k)
+        spec_logits, spec_out = "blgrk,bsgk->bgrls", "bgrls,bsgk->blgrk"
+        mask_axes, bias_shape = (2,), (g, r)
     if scale != 1.0:
-        q_BLGRK = q_BLGRK * jnp.asarray(k**-0.5 if scale is None else scale, q_BLHK.dtype)
-    logits_BGRLS = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK,
-                              preferred_element_type=jnp.float32)
+        q = q * jnp.asarray(k**-0.5 if scale is None else scale, q.dtype)
+    logits = jnp.einsum(spec_logits, q, k_BSGK, preferred_element_type=jnp.float32)
     if bias_BHLS is not None:
-        logits_BGRLS += bias_BHLS.astype(jnp.float32).reshape(
-            bias_BHLS.shape[0], g, r, *bias_BHLS.shape[2:])
+        bias = bias_BHLS.astype(jnp.float32)
+        logits += bias if bias_shape is None else bias.reshape(
+            bias.shape[0], *bias_shape, *bias.shape[2:])
     if mask is not None:
-        logits_BGRLS = jnp.where(mask.allowed()[:, :, None], logits_BGRLS, _NEG)
-    probs_BGRLS = softmax(logits_BGRLS) if on_cpu() else jax.nn.softmax(logits_BGRLS, axis=-1)
+        logits = jnp.where(jnp.expand_dims(mask.allowed(), mask_axes), logits, _NEG)
+    probs = softmax(logits) if on_cpu() else jax.nn.softmax(logits, axis=-1)
     if dropout_rate > 0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BGRLS.shape)
-        probs_BGRLS = jnp.where(keep, probs_BGRLS / (1.0 - dropout_rate), 0.0)
-    out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS.astype(v_BSGK.dtype), v_BSGK)
-    out_BLHK = out_BLGRK.reshape(b, length, h, k)
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out_BLHK = jnp.einsum(spec_out, probs.astype(v_BSGK.dtype), v_BSGK).reshape(
+        b, length, h, k)
     if return_probs:
-        return out_BLHK, probs_BGRLS.reshape(b, h, length, -1)
+        return out_BLHK, probs.reshape(b, h, length, -1)
     return out_BLHK
 
 
