@@ -45,8 +45,8 @@ def test_ops_compute_their_reference_values():
 def test_prints_one_line_per_op():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "cpu_ops.py"), "--vocab", "64", "--rows",
-         "8", "--width", "4", "--bias_shape", "2", "8", "8", "--attention_shape", "2", "2", "4", "4",
-         "--repeats", "2"],
+         "8", "--width", "4", "--bias_shape", "2", "8", "8", "--attention_shape", "2", "2",
+         "4", "4", "--repeats", "2"],
         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
         check=True).stdout.splitlines()
     lines = [json.loads(line) for line in out]

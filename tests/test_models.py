@@ -75,6 +75,40 @@ def test_attention_matches_float64_reference(impl, kind, kv_heads):
     np.testing.assert_allclose(np.asarray(out)[rows], ref[rows], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_gradients_match_autodiff_of_a_plain_reference(kv_heads):
+    """Every logits layout (a key/value head per query head, groups of query heads, one
+    key/value head for all) and the CPU softmax's backward give autodiff's gradients of a
+    plain repeat-the-heads implementation, for the query, keys, values and a bias."""
+    rng = np.random.default_rng(kv_heads)
+    mask = _masks(rng)["packed"]
+    q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 12, kv_heads, 8)), jnp.float32) for _ in "kv")
+    bias = jnp.asarray(rng.normal(size=(2, 4, 12, 12)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32)
+    rows = jnp.asarray(mask.allowed().any(-1)[:, 0])[..., None, None]  # ignored rows out
+
+    def reference(q, k, v, bias):
+        rep = 4 // kv_heads
+        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+        logits = jnp.einsum("blhk,bshk->bhls", q, k) / jnp.sqrt(8.0) + bias
+        probs = jax.nn.softmax(jnp.where(mask.allowed(), logits, -1e30), -1)
+        return jnp.einsum("bhls,bshk->blhk", probs, v)
+
+    def ours(q, k, v, bias):
+        return dot_product_attention(q, k, v, mask, bias_BHLS=bias)
+
+    def loss(fn, *args):
+        return jnp.sum(jnp.where(rows, fn(*args) * cot, 0.0))
+
+    got = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    want = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    for name, a, b in zip(("q", "k", "v", "bias"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5,
+                                   err_msg=name)
+    assert float(jnp.abs(got[0]).sum()) > 0 and float(jnp.abs(got[3]).sum()) > 0
+
+
 def test_attention_probabilities_are_returned_and_normalised():
     rng = np.random.default_rng(0)
     mask = _masks(rng)["causal"]

@@ -53,17 +53,24 @@ def dot_product_attention(
         return _fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS, impl, scale)
 
     r = h // g
-    if r == 1:  # no size-1 group axis: XLA:CPU's reductions over a [B, G, 1, L, S] table
-        # ran 10-20x slower than over [B, H, L, S] (benchmarks/cpu_ops.py, op softmax_bwd)
-        q, spec_logits, spec_out = q_BLHK, "blhk,bshk->bhls", "bhls,bshk->blhk"
-        mask_axes, bias_shape = (), None
+    # The logits as [B, G, R, L, S] (R = H // G query heads per key/value head), without
+    # an axis of size 1: on XLA:CPU a reduction over a table with one (the softmax and
+    # its backward over [B, G, 1, L, S]) ran 6-20x slower than over [B, H, L, S]
+    # (benchmarks/cpu_ops.py, ops softmax_bwd_*).
+    q, keys, values = q_BLHK, k_BSGK, v_BSGK
+    mask_axes, bias_shape = (), None
+    if r == 1:  # a key/value head per query head
+        spec_logits, spec_out = "blhk,bshk->bhls", "bhls,bshk->blhk"
+    elif g == 1:  # one key/value head for all query heads
+        keys, values = k_BSGK[:, :, 0], v_BSGK[:, :, 0]
+        spec_logits, spec_out = "blhk,bsk->bhls", "bhls,bsk->blhk"
     else:
         q = q_BLHK.reshape(b, length, g, r, k)
         spec_logits, spec_out = "blgrk,bsgk->bgrls", "bgrls,bsgk->blgrk"
         mask_axes, bias_shape = (2,), (g, r)
     if scale != 1.0:
         q = q * jnp.asarray(k**-0.5 if scale is None else scale, q.dtype)
-    logits = jnp.einsum(spec_logits, q, k_BSGK, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(spec_logits, q, keys, preferred_element_type=jnp.float32)
     if bias_BHLS is not None:
         bias = bias_BHLS.astype(jnp.float32)
         logits += bias if bias_shape is None else bias.reshape(
@@ -74,7 +81,7 @@ def dot_product_attention(
     if dropout_rate > 0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out_BLHK = jnp.einsum(spec_out, probs.astype(v_BSGK.dtype), v_BSGK).reshape(
+    out_BLHK = jnp.einsum(spec_out, probs.astype(values.dtype), values).reshape(
         b, length, h, k)
     if return_probs:
         return out_BLHK, probs.reshape(b, h, length, -1)
