@@ -174,3 +174,22 @@ def test_tied_logits_use_tied_product_on_cpu_in_fp32_only(monkeypatch):
     monkeypatch.setattr(attention_lib.jax, "default_backend", lambda: "gpu")
     assert "custom_vjp_call" not in traced(jnp.float32)
     np.testing.assert_allclose(tied_logits(x, table, jnp.float32), want, rtol=1e-6)
+
+
+def test_forward_clamps_keep_values_and_nan():
+    """The clamps that keep erf, tanh and the probabilities out of YNNPACK's dot fusions
+    never bind and let NaN through (a NaN loss must stay visible)."""
+    from lm.models.custom_grads import gelu, gelu_tanh, softmax
+
+    x = jnp.linspace(-30.0, 30.0, 601).at[7].set(jnp.nan)
+    finite = ~jnp.isnan(x)
+    for ours, ref in ((gelu, lambda v: jax.nn.gelu(v, approximate=False)),
+                      (gelu_tanh, lambda v: jax.nn.gelu(v, approximate=True)),
+                      (softmax, lambda v: jax.nn.softmax(v, axis=-1))):
+        got, want = jax.jit(ours)(x), ref(x)
+        assert bool(jnp.isnan(got[7])), ours.__name__
+        if ours is softmax:
+            got, want = jax.jit(ours)(x[finite]), ref(x[finite])
+        else:
+            got, want = got[finite], want[finite]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=ours.__name__)
