@@ -6,6 +6,7 @@ those of the optimized HLO (`XLA_FLAGS=--xla_dump_to=DIR` shows what each one is
 A trace inflates small ops; read shares, not sums.
 
     python benchmarks/profile_ops.py train_step --model gpt --dtype bfloat16
+    python benchmarks/profile_ops.py eval --model char --batch 64
     python benchmarks/profile_ops.py decode --batch 8
     python benchmarks/profile_ops.py serve_step --rows 32 --context 80
 """
@@ -59,6 +60,14 @@ def train_step_fn(args):
     return ts.our_step(args.model, args.dtype)
 
 
+def eval_fn(args):
+    import train_step as ts
+
+    if args.model == "char":
+        ts.SHAPE.update(ts.CHAR_SHAPE)
+    return ts.our_eval(args.model, args.dtype, args.batch)
+
+
 def decode_fn(args):
     import decode
 
@@ -96,10 +105,10 @@ def serve_step_fn(args):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("train_step", "decode", "serve_step"))
+    p.add_argument("what", choices=("train_step", "eval", "decode", "serve_step"))
     p.add_argument("--model", default="gpt", choices=("gpt", "bert", "char"))
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch", type=int, default=1, help="decode: rows")
+    p.add_argument("--batch", type=int, default=1, help="decode, eval: rows")
     p.add_argument("--mode", default="greedy", choices=("greedy", "sample"))
     p.add_argument("--rows", type=int, default=32, help="serve_step: occupied slots")
     p.add_argument("--context", type=int, default=80, help="serve_step: cache columns")
@@ -109,7 +118,7 @@ def main() -> None:
     runtime.set_compute_dtype(args.dtype)  # as lm.main does, before JAX starts
     if args.what == "serve_step":
         runtime.set_async_dispatch(True)  # as the server runs
-    fn = {"train_step": train_step_fn, "decode": decode_fn,
+    fn = {"train_step": train_step_fn, "eval": eval_fn, "decode": decode_fn,
           "serve_step": serve_step_fn}[args.what](args)
     print(json.dumps({"what": "profile", "path": args.what, "cpu_flags": runtime.cpu_flags(),
                       **{k: v for k, v in vars(args).items() if k != "what"}}), flush=True)

@@ -13,9 +13,14 @@ plus this machine's GEMM ceiling.
 One JSON line per measurement (what, impl, config, tokens/s, step time, model GFLOP/s,
 fraction of the measured GEMM ceiling, peak memory), then one line per ratio.
 
+`--eval` times the validation forward instead (ours: the objective's jitted eval
+metrics; char's peer: the forward and the summed cross-entropy under `torch.no_grad`,
+as `benchmarks/char_lm_peer.py` evaluates) on `--batch` rows.
+
     python benchmarks/train_step.py --model gpt --dtype float32 --rounds 3
     python benchmarks/train_step.py --model gpt --dtype bfloat16
     python benchmarks/train_step.py --model char --steps 50
+    python benchmarks/train_step.py --model char --eval --batch 64 --steps 20
 """
 
 from __future__ import annotations
@@ -159,7 +164,51 @@ def step_on_one_device(config: ConfigDict, batch_size: int, steps_per_call: int 
     return lambda: jax.block_until_ready(run())
 
 
+def our_eval(kind: str, dtype: str, batch_size: int):
+    """A no-argument function running our jitted validation forward (the objective's
+    eval metrics: loss sums and accuracy) once on `batch_size` random rows."""
+    import flax.linen as nn
+
+    config = our_config(kind, dtype)
+    objective = get_objective(config)
+    model = objective.build_model(to_model_config(config.model))
+    batch = objective.dummy_batch(batch_size)
+    rng = np.random.default_rng(0)
+    for key in ("inputs", "targets", "input_ids"):
+        if key in batch:
+            batch[key] = rng.integers(5, VOCAB[kind], batch[key].shape).astype(np.int32)
+    for key in ("weights", "masked_weights"):
+        if key in batch:
+            batch[key] = np.ones_like(batch[key])
+    params = nn.unbox(objective.init(model, jax.random.key(0), batch))["params"]
+    metrics = jax.jit(lambda p, b: objective.metrics(model, p, b, None, train=False))
+    batch = jax.device_put(batch)
+    jax.block_until_ready(metrics(params, batch))
+    return lambda: jax.block_until_ready(metrics(params, batch))
+
+
 # ------------------------------------------------------------------------- HF
+def hf_eval(kind: str, batch_size: int):
+    """The peer's validation forward (char only): logits and summed cross-entropy."""
+    if kind != "char":
+        raise SystemExit("--eval: the peer side exists for --model char only (add --no_hf)")
+    import torch
+    from torch.nn import functional as F
+
+    peer = _load(os.path.join(os.path.dirname(__file__), "char_lm_peer.py"))
+    torch.manual_seed(0)
+    model = peer.build_model(VOCAB["char"]).eval()
+    x = torch.randint(0, VOCAB["char"], (batch_size, SHAPE["seq"]))
+    y = torch.randint(0, VOCAB["char"], (batch_size, SHAPE["seq"]))
+
+    @torch.no_grad()
+    def run():
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+
+    run()
+    return run
+
+
 def hf_step(kind: str):
     import torch
     import transformers as tr
@@ -259,6 +308,8 @@ def main() -> None:
     p.add_argument("--accum", type=int, default=None,
                    help="our micro-batches per step (optim.grad_accum_steps; default: the "
                         "config's)")
+    p.add_argument("--eval", action="store_true",
+                   help="time the validation forward (no gradient) instead of the step")
     p.add_argument("--loss_chunk", type=int, default=None,
                    help="tokens per fused projection + loss chunk (default: the config's); "
                         "-1 = materialised logits")
@@ -283,29 +334,34 @@ def main() -> None:
     config = our_config(args.model, args.dtype, args.preset)
     flops_per_token = get_objective(config).flops_per_token(to_model_config(config.model))
     fns = {}
-    if "lm" in sides:
+    if args.eval:
+        flops_per_token /= 3  # the forward of a (forward + backward) step's 3 passes
+        fns = {side: our_eval(args.model, args.dtype, SHAPE["batch"]) if side == "lm" else
+               hf_eval(args.model, SHAPE["batch"]) for side in sides}
+    elif "lm" in sides:
         fns["lm"] = our_step(args.model, args.dtype, preset=args.preset,
                              attention_impl=args.attention_impl, remat=args.remat,
                              scan=args.scan, loss_chunk=args.loss_chunk,
                              steps_per_call=args.steps_per_call, accum=args.accum)
-    if "hf" in sides:
+    if "hf" in sides and not args.eval:
         fns["hf"] = hf_step(args.model)
     times: dict[str, list[float]] = {"lm": [], "hf": []}
     cpu_times: dict[str, list[float]] = {"lm": [], "hf": []}
+    what = f"{'eval' if args.eval else 'train_step'}_{args.model}"
     for r in range(args.rounds):
         for impl, fn in fns.items():
-            k = args.steps_per_call if impl == "lm" else 1
+            k = args.steps_per_call if impl == "lm" and not args.eval else 1
             t, cpu, faults = (x / k for x in timed(fn, max(1, args.steps // k)))  # per step
             times[impl].append(t)
             cpu_times[impl].append(cpu)
             gflops = flops_per_token * tokens / t / 1e9
             dtype = args.dtype if impl == "lm" else "float32"
             print(json.dumps({
-                "what": f"train_step_{args.model}", "impl": impl, "round": r, "dtype": dtype,
+                "what": what, "impl": impl, "round": r, "dtype": dtype,
                 "config": SHAPE | {"vocab": VOCAB[args.model], "preset": args.preset,
                                "attention": args.attention_impl, "remat": args.remat,
                                "loss_chunk": args.loss_chunk, "accum": args.accum,
-                               "steps_per_call": args.steps_per_call if impl == "lm" else 1},
+                               "steps_per_call": k, "eval": args.eval},
                 "step_time_s": round(t, 4), "step_cpu_s": round(cpu, 4),
                 "page_faults_per_step": round(faults), "tokens_per_sec": round(tokens / t, 1),
                 "model_gflops_per_s": round(gflops, 1),
@@ -323,7 +379,8 @@ def print_ratio(args, times: dict[str, list[float]], cpu_times: dict[str, list[f
     if times["hf"] and times["lm"]:
         ratio = float(np.median(times["hf"]) / np.median(times["lm"]))
         cpu = float(np.median(cpu_times["hf"]) / np.median(cpu_times["lm"]))
-        print(json.dumps({"what": f"ratio_{args.model}", "dtype": args.dtype,
+        print(json.dumps({"what": f"ratio_{'eval_' if args.eval else ''}{args.model}",
+                          "dtype": args.dtype,
                           "isolated": args.isolate, "rounds": len(times["lm"]),
                           "steps_per_call": args.steps_per_call,
                           "lm_over_hf_tokens_per_sec": round(ratio, 2),
@@ -347,7 +404,7 @@ def isolated(args) -> None:
             for record in side_records([sys.executable, __file__, *argv, "--only", impl],
                                        impl, r):
                 record["process"] = impl
-                if record["what"].startswith("train_step_"):
+                if record["what"].startswith(("train_step_", "eval_")):
                     times[impl].append(record["step_time_s"])
                     cpu_times[impl].append(record["step_cpu_s"])
                 print(json.dumps(record), flush=True)  # incl. each process's GEMM ceiling
