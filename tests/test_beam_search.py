@@ -90,7 +90,8 @@ def test_beam_one_is_greedy_and_rows_are_independent():
         alone, alone_scores = beam_search(cfg, params, src[row:row + 1], beam_size=3,
                                           max_len=6, eos_id=EOS)
         np.testing.assert_array_equal(alone[0], wide[row])
-        np.testing.assert_allclose(alone_scores[0], wide_scores[row], rtol=1e-5)
+        # fp32 products are blocked differently for 1 and 3 rows: rounding, not leakage
+        np.testing.assert_allclose(alone_scores[0], wide_scores[row], rtol=5e-5, atol=1e-6)
 
 
 def test_decoder_only_beam_search():

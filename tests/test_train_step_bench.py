@@ -26,7 +26,8 @@ def test_eval_mode_times_the_forward_of_our_model():
     (line,) = [r for r in _lines("--only", "lm") if r["what"].startswith("eval_")]
     assert line["what"] == "eval_char" and line["impl"] == "lm"
     assert line["config"]["eval"] is True and line["config"]["steps_per_call"] == 1
-    assert line["tokens_per_sec"] == pytest.approx(3 * 64 / line["step_time_s"], rel=0.01)
+    # step_time_s is rounded to 0.1 ms in the line; tokens_per_sec is not
+    assert line["tokens_per_sec"] == pytest.approx(3 * 64 / line["step_time_s"], rel=0.05)
     assert line["model_gflops_per_s"] > 0 and line["cpu_flags"] is not None
 
 
