@@ -49,16 +49,24 @@ def gelu(x: jnp.ndarray) -> jnp.ndarray:
     The derivative lies in [-0.129, 1.129]; clamping it to [-0.2, 1.2] changes no value
     but is an op YNNPACK cannot fuse, so XLA computes the derivative in its own loop
     instead of recomputing exp inside the backward pass's dot fusion (the [768, 512]
-    MLP-backward product of `char_lm:baby`: 1.3 ms there, 0.8 ms after). For the same
-    reason Phi(x) is clamped to [0, 1]: without a gradient (validation, decoding) XLA
-    otherwise hands the erf to YNNPACK inside the MLP's dot fusion, where it ran slower
-    than the products (`char_lm:baby`'s validation forward: 64-66 -> 51 ms a batch).
-    Both clamps keep NaN."""
-    return _gelu_fwd(x)[0]
+    MLP-backward product of `char_lm:baby`: 1.3 ms there, 0.8 ms after).
+
+    Without a gradient (validation, decoding: this primal, not `_gelu_fwd`) XLA handed
+    the erf and the product x * Phi to YNNPACK inside the MLP's dot fusions, where they
+    ran slower than the products (`char_lm:baby`'s validation forward: 64-75 -> 51 ms a
+    batch). Phi is clamped to [0, 1] and the output to [-1, max]: neither binds (GELU >=
+    -0.17), NaN stays NaN, and XLA's own loops compute them. The training forward
+    (`_gelu_fwd`) keeps them unclamped: its residuals keep them out of those fusions."""
+    cdf = jnp.clip(_phi(x), 0.0, 1.0)
+    return jnp.clip(x * cdf, -1.0, jnp.finfo(x.dtype).max)
+
+
+def _phi(x):
+    return 0.5 + 0.5 * jax.lax.erf(x * 2**-0.5)  # erf: one vectorised polynomial on CPU
 
 
 def _gelu_fwd(x):
-    cdf = jnp.clip(0.5 + 0.5 * jax.lax.erf(x * 2**-0.5), 0.0, 1.0)  # never binds
+    cdf = _phi(x)
     pdf = jnp.exp(-0.5 * x * x) * (2 * jnp.pi) ** -0.5
     return x * cdf, jnp.clip(cdf + x * pdf, -0.2, 1.2)  # never binds (docstring)
 
@@ -75,14 +83,20 @@ def gelu_tanh(x: jnp.ndarray) -> jnp.ndarray:
     """The tanh-approximated GELU (GPT-2's "gelu_new"), 0.5 x (1 + tanh(u)), u = c (x +
     0.044715 x^3), with one residual, its derivative, as `gelu`. Through autodiff the
     derivative's chain of ~15 elementwise ops was recomputed inside the transpose that
-    feeds the MLP's weight-gradient product (GPT 4x256: 23 ms per layer per step). tanh
-    is clamped to [-1, 1] as `gelu` clamps Phi (kept out of YNNPACK's dot fusion)."""
-    return _gelu_tanh_fwd(x)[0]
+    feeds the MLP's weight-gradient product (GPT 4x256: 23 ms per layer per step).
+    Without a gradient tanh and the output are clamped as in `gelu` (kept out of
+    YNNPACK's dot fusions; never binds)."""
+    t = jnp.clip(jnp.tanh(_tanh_arg(x)), -1.0, 1.0)
+    return jnp.clip(0.5 * x * (1 + t), -1.0, jnp.finfo(x.dtype).max)
+
+
+def _tanh_arg(x):
+    return (2 / jnp.pi) ** 0.5 * (x + 0.044715 * x * x * x)
 
 
 def _gelu_tanh_fwd(x):
     c = (2 / jnp.pi) ** 0.5
-    t = jnp.clip(jnp.tanh(c * (x + 0.044715 * x * x * x)), -1.0, 1.0)  # never binds
+    t = jnp.tanh(_tanh_arg(x))
     slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
     return 0.5 * x * (1 + t), jnp.clip(slope, -0.2, 1.2)  # [-0.13, 1.13]: never binds
 
@@ -121,15 +135,18 @@ def softmax(logits: jnp.ndarray) -> jnp.ndarray:
     """softmax over the last axis whose backward pass reads the saved probabilities once:
     p * (g - sum(p * g)). jax.nn.softmax saves exp(logits - max) and 1 / sum and
     recomputes p inside the reduction of its backward pass, a three-input YNNPACK fusion
-    that ran 2x slower than the two-input one. The probabilities are clamped to [0, 1]
-    (it never binds; NaN stays NaN): without a gradient XLA otherwise fused the whole
-    softmax into YNNPACK's fusion of the probabilities-times-values product, 3.4 ms
-    against 0.9 for the logits product of the same size (`char_lm:baby` validation)."""
-    return _softmax_fwd(logits)[0]
+    that ran 2x slower than the two-input one.
+
+    Without a gradient (this primal) the probabilities are clamped to [0, 1] (never
+    binds; NaN stays NaN): XLA otherwise fused the whole softmax into YNNPACK's fusion of
+    the probabilities-times-values product, 3.4 ms against 0.9 for the logits product
+    of the same size (`char_lm:baby` validation). In training they are saved for the
+    backward pass, which keeps them out of that fusion already."""
+    return jnp.clip(jax.nn.softmax(logits, axis=-1), 0.0, 1.0)
 
 
 def _softmax_fwd(logits):
-    probs = jnp.clip(jax.nn.softmax(logits, axis=-1), 0.0, 1.0)
+    probs = jax.nn.softmax(logits, axis=-1)
     return probs, probs
 
 
