@@ -60,10 +60,10 @@ def dot_product_attention(
     q, keys, values = q_BLHK, k_BSGK, v_BSGK
     mask_axes, bias_shape = (), None
     if r == 1:  # a key/value head per query head
-        spec_logits, spec_out = "blhk,bshk->bhls", "bhls,bshk->blhk"
+        spec_logits, spec_out = "blhk,bshk->bhls", "bhls,bshk->bhlk"
     elif g == 1:  # one key/value head for all query heads
         keys, values = k_BSGK[:, :, 0], v_BSGK[:, :, 0]
-        spec_logits, spec_out = "blhk,bsk->bhls", "bhls,bsk->blhk"
+        spec_logits, spec_out = "blhk,bsk->bhls", "bhls,bsk->bhlk"
     else:
         q = q_BLHK.reshape(b, length, g, r, k)
         spec_logits, spec_out = "blgrk,bsgk->bgrls", "bgrls,bsgk->blgrk"
@@ -81,8 +81,12 @@ def dot_product_attention(
     if dropout_rate > 0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out_BLHK = jnp.einsum(spec_out, probs.astype(values.dtype), values).reshape(
-        b, length, h, k)
+    out = jnp.einsum(spec_out, probs.astype(values.dtype), values)
+    if spec_out.endswith("bhlk"):  # head-major, then transposed: asked for [B, L, H, K]
+        # directly, XLA:CPU computed the product transposed (values copied to [K, S]),
+        # 1.05-1.14x slower validation forward for char_lm:baby (benchmarks/ab.py)
+        out = out.transpose(0, 2, 1, 3)
+    out_BLHK = out.reshape(b, length, h, k)
     if return_probs:
         return out_BLHK, probs.reshape(b, h, length, -1)
     return out_BLHK
