@@ -124,13 +124,32 @@ def our_step(kind: str, dtype: str, steps_per_call: int = 1, accum: int | None =
     return step_on_one_device(config, SHAPE["batch"], steps_per_call)
 
 
+def random_batch(objective, config: ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
+    """The objective's batch of `batch_size` rows of `config.data.seq_len` random tokens
+    (MLM: `data.max_predictions` real predictions per row, random NSP labels)."""
+    vocab, seq = config.model.vocab_size, config.data.seq_len
+    rng = np.random.default_rng(0)
+    batch = objective.dummy_batch(batch_size)
+    for key in ("inputs", "targets", "input_ids"):
+        if key in batch:
+            batch[key] = rng.integers(5, vocab, batch[key].shape).astype(np.int32)
+    if "masked_positions" in batch:
+        predictions = batch["masked_positions"].shape[1]
+        batch["masked_positions"] = np.sort(np.stack([
+            rng.choice(np.arange(1, seq), predictions, replace=False)
+            for _ in range(batch_size)]), axis=1).astype(np.int32)
+        batch["masked_ids"] = rng.integers(5, vocab, batch["masked_ids"].shape, dtype=np.int32)
+        batch["masked_weights"] = np.ones_like(batch["masked_weights"])
+        batch["nsp_label"] = rng.integers(0, 2, batch["nsp_label"].shape, dtype=np.int32)
+    return batch
+
+
 def step_on_one_device(config: ConfigDict, batch_size: int, steps_per_call: int = 1):
     """A no-argument function running `steps_per_call` optimizer steps of `config`'s real
     jitted train step (one compiled call) on one device, on a fixed random batch of
     `config.data.seq_len` tokens (MLM: `data.max_predictions` real predictions per row)."""
     objective = get_objective(config)
     model_cfg = to_model_config(config.model)
-    vocab, seq = model_cfg.vocab_size, config.data.seq_len
     model = objective.build_model(model_cfg)
     mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
     tx, lr = optim.build(config.optim, 1000)
@@ -139,20 +158,7 @@ def step_on_one_device(config: ConfigDict, batch_size: int, steps_per_call: int 
     setup = train.Setup(objective, model, model_cfg, None, mesh, tx, lr, state_sharding,
                         init_state)
     step = train.make_train_step(setup, config.optim.grad_accum_steps, steps_per_call)
-    rng = np.random.default_rng(0)
-    batch = objective.dummy_batch(batch_size)
-    for key in ("inputs", "targets", "input_ids"):
-        if key in batch:
-            batch[key] = rng.integers(5, vocab, batch[key].shape).astype(np.int32)
-    if "masked_positions" in batch:  # real predictions in every row, random NSP labels
-        predictions = batch["masked_positions"].shape[1]
-        batch["masked_positions"] = np.sort(np.stack([
-            rng.choice(np.arange(1, seq), predictions, replace=False)
-            for _ in range(batch_size)]), axis=1).astype(np.int32)
-        batch["masked_ids"] = rng.integers(5, vocab, batch["masked_ids"].shape, dtype=np.int32)
-        batch["masked_weights"] = np.ones_like(batch["masked_weights"])
-        batch["nsp_label"] = rng.integers(0, 2, batch["nsp_label"].shape, dtype=np.int32)
-    batch = sharding.shard_batch(batch, mesh)
+    batch = sharding.shard_batch(random_batch(objective, config, batch_size), mesh)
     batches = batch if steps_per_call == 1 else (batch,) * steps_per_call
     holder = {"state": init_state()}
 
@@ -172,17 +178,9 @@ def our_eval(kind: str, dtype: str, batch_size: int):
     config = our_config(kind, dtype)
     objective = get_objective(config)
     model = objective.build_model(to_model_config(config.model))
-    batch = objective.dummy_batch(batch_size)
-    rng = np.random.default_rng(0)
-    for key in ("inputs", "targets", "input_ids"):
-        if key in batch:
-            batch[key] = rng.integers(5, VOCAB[kind], batch[key].shape).astype(np.int32)
-    for key in ("weights", "masked_weights"):
-        if key in batch:
-            batch[key] = np.ones_like(batch[key])
+    batch = jax.device_put(random_batch(objective, config, batch_size))
     params = nn.unbox(objective.init(model, jax.random.key(0), batch))["params"]
     metrics = jax.jit(lambda p, b: objective.metrics(model, p, b, None, train=False))
-    batch = jax.device_put(batch)
     jax.block_until_ready(metrics(params, batch))
     return lambda: jax.block_until_ready(metrics(params, batch))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -107,6 +108,29 @@ def test_attention_gradients_match_autodiff_of_a_plain_reference(kv_heads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5,
                                    err_msg=name)
     assert float(jnp.abs(got[0]).sum()) > 0 and float(jnp.abs(got[3]).sum()) > 0
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_table_has_no_axis_of_size_one(kv_heads):
+    """The logits, probabilities and their gradients carry no size-1 axis in any layout
+    (XLA:CPU's reductions over [B, G, 1, L, S] ran 6-20x slower than over [B, H, L, S])."""
+    rng = np.random.default_rng(0)
+    mask = _masks(rng)["causal"]
+    q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 12, kv_heads, 8)), jnp.float32) for _ in "kv")
+    jaxpr = jax.make_jaxpr(jax.grad(
+        lambda q, k, v: dot_product_attention(q, k, v, mask).sum(), argnums=(0, 1, 2)))(q, k, v)
+
+    def shapes(jaxpr):  # every float value's shape, custom_vjp bodies included
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                if jnp.issubdtype(var.aval.dtype, jnp.floating):
+                    yield var.aval.shape
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from shapes(sub)
+
+    tables = [s for s in shapes(jaxpr.jaxpr) if s[-2:] == (12, 12)]
+    assert tables and all(1 not in s for s in tables), tables
 
 
 def test_attention_probabilities_are_returned_and_normalised():

@@ -53,38 +53,37 @@ def dot_product_attention(
         return _fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS, impl, scale)
 
     r = h // g
-    # The logits as [B, G, R, L, S] (R = H // G query heads per key/value head), without
-    # an axis of size 1: on XLA:CPU a reduction over a table with one (the softmax and
-    # its backward over [B, G, 1, L, S]) ran 6-20x slower than over [B, H, L, S]
+    # The logits as [B, G, R, L, S] (R = H // G query heads per key/value head) only for
+    # true groups, else as [B, H, L, S]: on XLA:CPU a reduction over a table with an axis
+    # of size 1 (the softmax and its backward over [B, G, 1, L, S]) ran 6-20x slower
     # (benchmarks/cpu_ops.py, ops softmax_bwd_*).
+    grouped = r > 1 and g > 1
     q, keys, values = q_BLHK, k_BSGK, v_BSGK
-    mask_axes, bias_shape = (), None
-    if r == 1:  # a key/value head per query head
-        spec_logits, spec_out = "blhk,bshk->bhls", "bhls,bshk->bhlk"
+    if grouped:
+        q = q_BLHK.reshape(b, length, g, r, k)
+        spec_logits, spec_out = "blgrk,bsgk->bgrls", "bgrls,bsgk->blgrk"
     elif g == 1:  # one key/value head for all query heads
         keys, values = k_BSGK[:, :, 0], v_BSGK[:, :, 0]
         spec_logits, spec_out = "blhk,bsk->bhls", "bhls,bsk->bhlk"
-    else:
-        q = q_BLHK.reshape(b, length, g, r, k)
-        spec_logits, spec_out = "blgrk,bsgk->bgrls", "bgrls,bsgk->blgrk"
-        mask_axes, bias_shape = (2,), (g, r)
+    else:  # a key/value head per query head
+        spec_logits, spec_out = "blhk,bshk->bhls", "bhls,bshk->bhlk"
     if scale != 1.0:
         q = q * jnp.asarray(k**-0.5 if scale is None else scale, q.dtype)
     logits = jnp.einsum(spec_logits, q, keys, preferred_element_type=jnp.float32)
     if bias_BHLS is not None:
         bias = bias_BHLS.astype(jnp.float32)
-        logits += bias if bias_shape is None else bias.reshape(
-            bias.shape[0], *bias_shape, *bias.shape[2:])
+        logits += bias.reshape(bias.shape[0], g, r, *bias.shape[2:]) if grouped else bias
     if mask is not None:
-        logits = jnp.where(jnp.expand_dims(mask.allowed(), mask_axes), logits, _NEG)
+        allowed = mask.allowed()  # [B, 1, L, S]
+        logits = jnp.where(allowed[:, :, None] if grouped else allowed, logits, _NEG)
     probs = softmax(logits) if on_cpu() else jax.nn.softmax(logits, axis=-1)
     if dropout_rate > 0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum(spec_out, probs.astype(values.dtype), values)
-    if spec_out.endswith("bhlk"):  # head-major, then transposed: asked for [B, L, H, K]
-        # directly, XLA:CPU computed the product transposed (values copied to [K, S]),
-        # 1.05-1.14x slower validation forward for char_lm:baby (benchmarks/ab.py)
+    if not grouped:  # head-major, then transposed: asked for [B, L, H, K] directly,
+        # XLA:CPU computed the product transposed (values copied to [K, S]), a 1.05-1.14x
+        # slower validation forward for char_lm:baby (benchmarks/ab.py)
         out = out.transpose(0, 2, 1, 3)
     out_BLHK = out.reshape(b, length, h, k)
     if return_probs:
