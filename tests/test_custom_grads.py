@@ -85,6 +85,7 @@ def test_fused_projection_has_the_separate_parameters_and_outputs(monkeypatch, u
     want = module.apply(params, x, None)
     separate_dots = str(jax.make_jaxpr(module.apply)(params, x, None)).count("dot_general")
     monkeypatch.undo()
+    monkeypatch.setenv("LM_CPU_KERNELS", "0")  # the attention core's two products stay
     got = module.apply(params, x, None)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # and on CPU it is one product: two projection products fewer than the separate path

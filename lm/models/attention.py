@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from lm.kernels import attention as cpu_kernels
 from lm.models import positions as pos_lib
 from lm.models.config import ModelConfig
 from lm.models.custom_grads import on_cpu, softmax
@@ -51,6 +52,13 @@ def dot_product_attention(
     dropout = dropout_rate > 0 and dropout_rng is not None
     if impl != "einsum" and not return_probs and not dropout:
         return _fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS, impl, scale)
+
+    if (impl == "einsum" and bias_BHLS is None and not dropout and not return_probs
+            and cpu_kernels.usable(q_BLHK, k_BSGK, v_BSGK)):
+        allowed = (jnp.ones((b, length, k_BSGK.shape[1]), bool) if mask is None
+                   else mask.allowed()[:, 0])
+        return cpu_kernels.attention(q_BLHK, k_BSGK, v_BSGK, allowed,
+                                     k**-0.5 if scale is None else scale)
 
     r = h // g
     # The logits as [B, G, R, L, S] (R = H // G query heads per key/value head) only for

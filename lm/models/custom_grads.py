@@ -72,7 +72,14 @@ def _gelu_fwd(x):
 
 
 def _gelu_bwd(slope, g):
-    return (g * slope,)
+    return (keep_out_of_dot_fusion(g) * slope,)
+
+
+def keep_out_of_dot_fusion(g: jnp.ndarray) -> jnp.ndarray:
+    """g clamped to the finite range (+-inf become +-max; NaN stays NaN): an op YNNPACK
+    does not fuse, placed between a product and the elementwise op that consumes it."""
+    big = jnp.finfo(g.dtype).max
+    return jnp.clip(g, -big, big)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)

@@ -1,0 +1,511 @@
+// Attention on the CPU as XLA FFI custom calls (lm/kernels/attention.py builds and
+// registers them): softmax(scale * q k^T, masked) v with and without its probabilities
+// (training / no gradient), and its backward pass.
+//
+// Layouts are the model's own: q [B, L, H, K], k and v [B, S, G, K] (G key/value heads,
+// H = R * G query heads), the mask a bool table [B, L, S], the probabilities [B, H, L, S]
+// (saved for the backward pass), the output [B, L, H, K]. One task per (row, head) in
+// the forward pass and per (row, key/value head) in the backward pass (so the R query
+// heads that share a key/value head accumulate its gradient without races), spread over
+// XLA's intra-op thread pool. Each task copies its head into small contiguous tiles and
+// only touches the columns between a query's first and last allowed key (causal masks:
+// half the work), 4 query rows x 16 keys or features at a time in registers. A row with
+// no allowed key gets zero probabilities and a zero output.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 16-float vectors (GCC/Clang vector extensions): one AVX-512 register. Python uses the
+// kernel only on AVX-512 CPUs: built for AVX2 these vectors spill to the stack.
+constexpr int kLanes = 16;
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16 Load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline v16 Splat(float x) { return v16{} + x; }
+
+// exp(x) for x <= 0 (softmax after the row max), lane-wise: 2^n * p(r), |r| <= ln2 / 2,
+// a degree-6 Taylor polynomial (relative error < 2e-7).
+inline v16 ExpNonPositive(v16 x) {
+  x = x < -87.0f ? Splat(-87.0f) : x;
+  x = x > 0.0f ? Splat(0.0f) : x;  // a row with no allowed key: its max is -3e38
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const v16 t = x * 1.44269504088896341f + shifter;
+  const v16 n = t - shifter;
+  const v16i ni = (v16i)t - 0x4B400000;  // the integer n
+  const v16 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  const v16 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (
+      1.0f / 120 + r * (1.0f / 720))))));
+  return p * (v16)((ni + 127) << 23);
+}
+
+typedef float v4 __attribute__((vector_size(16)));
+
+// Horizontal reductions by halving (vector adds / maxes, not 15 dependent scalar ops).
+inline v4 Quarter(v16 v, int which) {
+  v4 q;
+  std::memcpy(&q, reinterpret_cast<const char*>(&v) + 16 * which, sizeof(q));
+  return q;
+}
+
+inline float HorizontalSum(v16 v) {
+  const v4 a = (Quarter(v, 0) + Quarter(v, 1)) + (Quarter(v, 2) + Quarter(v, 3));
+  return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+inline v4 Max4(v4 a, v4 b) { return a > b ? a : b; }
+
+inline float HorizontalMax(v16 v) {
+  const v4 a = Max4(Max4(Quarter(v, 0), Quarter(v, 1)), Max4(Quarter(v, 2), Quarter(v, 3)));
+  const float x = a[0] > a[1] ? a[0] : a[1], y = a[2] > a[3] ? a[2] : a[3];
+  return x > y ? x : y;
+}
+
+struct Tasks {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+  std::function<void(int64_t)> body;
+
+  void Run() {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
+      body(i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Runs body(0..n-1) on the calling thread and the pool's workers. The caller claims
+// whatever is left, so it only ever waits for tasks already running (no deadlock when
+// the caller is itself a pool worker); helpers that start late find nothing to do.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> body) {
+  auto tasks = std::make_shared<Tasks>();
+  tasks->total = n;
+  tasks->body = std::move(body);
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([tasks] { tasks->Run(); });
+  tasks->Run();
+  while (tasks->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+struct Dims {
+  int64_t b, l, s, h, g, k;
+};
+
+inline int64_t RoundUp(int64_t x) { return (x + kLanes - 1) / kLanes * kLanes; }
+
+constexpr int kRows = 4;  // query rows per block: 4 x 16 accumulators stay in registers
+
+// Scratch buffers of the calling thread, reused across tasks and calls (no allocation or
+// zero-filling per task).
+float* Scratch(int slot, int64_t size) {
+  thread_local std::vector<float> buffers[8];
+  if (static_cast<int64_t>(buffers[slot].size()) < size) buffers[slot].resize(size);
+  return buffers[slot].data();
+}
+
+// One key/value head packed into a [rows_p, cols_p] tile, zero-padded: `transposed`
+// puts a key's features down a column (tile[c][s]), else along a row (tile[s][c]).
+void PackHead(const Dims& d, const float* X, int64_t b, int64_t g, bool transposed,
+              float* tile, int64_t sp, int64_t kp) {
+  for (int64_t s = 0; s < d.s; ++s) {
+    const float* xs = X + ((b * d.s + s) * d.g + g) * d.k;
+    if (transposed) {
+      for (int64_t c = 0; c < d.k; ++c) tile[c * sp + s] = xs[c];
+    } else {
+      std::memcpy(tile + s * kp, xs, d.k * sizeof(float));
+      std::fill(tile + s * kp + d.k, tile + (s + 1) * kp, 0.0f);
+    }
+  }
+  if (transposed) {
+    for (int64_t c = 0; c < d.k; ++c) std::fill(tile + c * sp + d.s, tile + (c + 1) * sp, 0.0f);
+    std::fill(tile + d.k * sp, tile + kp * sp, 0.0f);
+  } else {
+    std::fill(tile + d.s * kp, tile + sp * kp, 0.0f);
+  }
+}
+
+// Column ranges [lo, hi) below are multiples of 16 inside buffers padded to sp.
+
+// The two products below keep kRows x N vectors of accumulators in registers (N = 2:
+// eight independent FMA chains, enough to hide the FMA latency; N = 1 for an odd tail).
+
+// out[r][lo..hi) = sum_c a[r][c] * bt[c][lo..hi) for kRows rows (a: [kRows, kp]).
+template <int N>
+inline void RowsTimesColumnsN(const float* a, int64_t kp, const float* bt, int64_t sp,
+                              int64_t s0, float* out) {
+  v16 acc[kRows][N] = {};
+  for (int64_t c = 0; c < kp; ++c) {
+    v16 col[N];
+    for (int n = 0; n < N; ++n) col[n] = Load(bt + c * sp + s0 + n * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const float x = a[r * kp + c];
+      for (int n = 0; n < N; ++n) acc[r][n] += x * col[n];
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int n = 0; n < N; ++n) Store(out + r * sp + s0 + n * kLanes, acc[r][n]);
+}
+
+inline void RowsTimesColumns(const float* a, int64_t kp, const float* bt, int64_t sp,
+                             int64_t lo, int64_t hi, float* out) {
+  int64_t s0 = lo;
+  for (; s0 + 2 * kLanes <= hi; s0 += 2 * kLanes) RowsTimesColumnsN<2>(a, kp, bt, sp, s0, out);
+  if (s0 < hi) RowsTimesColumnsN<1>(a, kp, bt, sp, s0, out);
+}
+
+// out[r][0..kp) = sum_{s in [lo, hi)} w[r][s] * rows[s][0..kp) (w: [kRows, sp]).
+template <int N>
+inline void WeightsTimesRowsN(const float* w, int64_t sp, const float* rows, int64_t kp,
+                              int64_t lo, int64_t hi, int64_t c0, float* out) {
+  v16 acc[kRows][N] = {};
+  for (int64_t s = lo; s < hi; ++s) {
+    v16 row[N];
+    for (int n = 0; n < N; ++n) row[n] = Load(rows + s * kp + c0 + n * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const float x = w[r * sp + s];
+      for (int n = 0; n < N; ++n) acc[r][n] += x * row[n];
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int n = 0; n < N; ++n) Store(out + r * kp + c0 + n * kLanes, acc[r][n]);
+}
+
+inline void WeightsTimesRows(const float* w, int64_t sp, const float* rows, int64_t kp,
+                             int64_t lo, int64_t hi, float* out) {
+  int64_t c0 = 0;
+  for (; c0 + 2 * kLanes <= kp; c0 += 2 * kLanes)
+    WeightsTimesRowsN<2>(w, sp, rows, kp, lo, hi, c0, out);
+  if (c0 < kp) WeightsTimesRowsN<1>(w, sp, rows, kp, lo, hi, c0, out);
+}
+
+// acc[s][0..kp) += sum_r w[r][s] * x[r][0..kp) for s in [lo, hi) (the transposed products
+// behind the gradients of keys and values).
+inline void AccumulateTransposed(const float* w, int64_t sp, const float* x, int64_t kp,
+                                 int64_t lo, int64_t hi, float* acc) {
+  for (int64_t c0 = 0; c0 < kp; c0 += kLanes) {
+    const v16 x0 = Load(x + c0), x1 = Load(x + kp + c0), x2 = Load(x + 2 * kp + c0),
+              x3 = Load(x + 3 * kp + c0);
+    for (int64_t s = lo; s < hi; ++s) {
+      float* a = acc + s * kp + c0;
+      Store(a, Load(a) + w[s] * x0 + w[sp + s] * x1 + w[2 * sp + s] * x2 + w[3 * sp + s] * x3);
+    }
+  }
+}
+
+// A block of kRows query rows of one (batch row, head): a pointer to each row's mask
+// (sp bytes: the input row itself when S is a multiple of 16, else a zero-padded copy; a
+// row of zeros past L) and the union of their allowed key ranges.
+struct RowBlock {
+  int64_t rows, lo, hi;  // lo, hi multiples of 16; lo >= hi: no allowed key
+  const uint8_t* mask[kRows];
+
+  RowBlock(const Dims& d, const uint8_t* allowed, const int32_t* ranges, int64_t b,
+           int64_t i0, int64_t sp, uint8_t* pad_buffer)
+      : rows(std::min<int64_t>(kRows, d.l - i0)), lo(sp), hi(0) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t row = b * d.l + i0 + r;
+      uint8_t* pad = pad_buffer + r * sp;
+      if (r >= rows) {
+        std::fill(pad, pad + sp, 0);
+        mask[r] = pad;
+        continue;
+      }
+      if (d.s == sp) {
+        mask[r] = allowed + row * d.s;
+      } else {
+        std::memcpy(pad, allowed + row * d.s, d.s);
+        std::fill(pad + d.s, pad + sp, 0);
+        mask[r] = pad;
+      }
+      if (ranges[2 * row] < ranges[2 * row + 1]) {
+        lo = std::min<int64_t>(lo, ranges[2 * row]);
+        hi = std::max<int64_t>(hi, ranges[2 * row + 1]);
+      }
+    }
+    lo = lo / kLanes * kLanes;
+    hi = RoundUp(hi);
+  }
+};
+
+// [first allowed key, last allowed key + 1) of every query row ([B * L, 2]), once per
+// call (not once per head).
+std::vector<int32_t> AllowedRanges(const Dims& d, const uint8_t* allowed) {
+  std::vector<int32_t> ranges(2 * d.b * d.l);
+  for (int64_t row = 0; row < d.b * d.l; ++row) {
+    const uint8_t* m = allowed + row * d.s;
+    int64_t a = 0, z = d.s;
+    while (a < z && !m[a]) ++a;
+    while (z > a && !m[z - 1]) --z;
+    ranges[2 * row] = static_cast<int32_t>(a);
+    ranges[2 * row + 1] = static_cast<int32_t>(z);
+  }
+  return ranges;
+}
+
+// Softmax of the logits rows p[r][lo..hi) over their allowed keys (the others get 0; a
+// row with none gets all zeros).
+typedef uint8_t v16b __attribute__((vector_size(16)));
+
+// Lanes whose mask byte is non-zero (all bits set) or zero. GCC scalarises the generic
+// byte-to-int conversion (16 inserts), so x86 builds widen with one instruction.
+inline v16i Allowed(const uint8_t* m) {
+#if defined(__AVX512F__)
+  return (v16i)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m))) != 0;
+#elif defined(__AVX2__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
+  v16i out;
+  const __m256i lo = _mm256_cvtepu8_epi32(bytes), hi = _mm256_cvtepu8_epi32(
+      _mm_srli_si128(bytes, 8));
+  std::memcpy(&out, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
+  return out != 0;
+#else
+  v16b bytes;
+  std::memcpy(&bytes, m, sizeof(bytes));
+  return __builtin_convertvector(bytes, v16i) != 0;
+#endif
+}
+
+// exp(logit - row max) over each row's allowed keys in p[r][lo..hi) (0 elsewhere), the
+// kRows rows interleaved (independent dependency chains); inv[r] = 1 / the row's sum (0
+// for a row with no allowed key). The caller normalises (rows of p and of p v).
+inline void MaskedExp(float* p, const uint8_t* const* mask, int64_t sp, int64_t lo, int64_t hi,
+                      float* inv) {
+  v16 mx[kRows], sum[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    mx[r] = Splat(-3.0e38f);
+    sum[r] = Splat(0.0f);
+  }
+  for (int64_t s = lo; s < hi; s += kLanes)
+    for (int r = 0; r < kRows; ++r) {
+      const v16 x = Allowed(mask[r] + s) ? Load(p + r * sp + s) : Splat(-3.0e38f);
+      mx[r] = x > mx[r] ? x : mx[r];
+    }
+  float top[kRows];
+  for (int r = 0; r < kRows; ++r) top[r] = HorizontalMax(mx[r]);
+  for (int64_t s = lo; s < hi; s += kLanes)
+    for (int r = 0; r < kRows; ++r) {
+      float* x = p + r * sp + s;
+      const v16 e = Allowed(mask[r] + s) ? ExpNonPositive(Load(x) - top[r]) : Splat(0.0f);
+      Store(x, e);
+      sum[r] += e;
+    }
+  for (int r = 0; r < kRows; ++r) {
+    const float total = HorizontalSum(sum[r]);
+    inv[r] = total > 0.0f ? 1.0f / total : 0.0f;
+  }
+}
+
+inline float Dot(const float* x, const float* y, int64_t lo, int64_t hi) {
+  v16 acc{};
+  for (int64_t s = lo; s < hi; s += kLanes) acc += Load(x + s) * Load(y + s);
+  return HorizontalSum(acc);
+}
+
+// The forward pass; the probabilities are written to P unless it is null (no gradient).
+void Forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+             ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& allowed, float scale, float* O,
+             float* P) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  const Dims d{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
+  const float* Q = q.typed_data();
+  const uint8_t* A = reinterpret_cast<const uint8_t*>(allowed.typed_data());
+  const int64_t r = d.h / d.g, sp = RoundUp(d.s), kp = RoundUp(d.k);
+  const std::vector<int32_t> ranges = AllowedRanges(d, A);
+  ParallelFor(pool, d.b * d.h, [&](int64_t task) {
+    const int64_t b = task / d.h, h = task % d.h;
+    float* kt = Scratch(0, kp * sp);
+    float* vv = Scratch(1, sp * kp);
+    float* qs = Scratch(2, kRows * kp);
+    float* p = Scratch(3, kRows * sp);
+    float* o = Scratch(4, kRows * kp);
+    uint8_t* mask = reinterpret_cast<uint8_t*>(Scratch(5, kRows * sp / 4));
+    PackHead(d, k.typed_data(), b, h / r, true, kt, sp, kp);
+    PackHead(d, v.typed_data(), b, h / r, false, vv, sp, kp);
+    std::fill(qs, qs + kRows * kp, 0.0f);
+    for (int64_t i0 = 0; i0 < d.l; i0 += kRows) {
+      const RowBlock blk(d, A, ranges.data(), b, i0, sp, mask);
+      for (int64_t j = 0; j < blk.rows; ++j) {
+        const float* qj = Q + ((b * d.l + i0 + j) * d.h + h) * d.k;
+        for (int64_t c = 0; c < d.k; ++c) qs[j * kp + c] = qj[c] * scale;
+      }
+      std::fill(qs + blk.rows * kp, qs + kRows * kp, 0.0f);
+      float inv[kRows] = {};
+      if (blk.lo < blk.hi) {
+        RowsTimesColumns(qs, kp, kt, sp, blk.lo, blk.hi, p);
+        MaskedExp(p, blk.mask, sp, blk.lo, blk.hi, inv);
+        WeightsTimesRows(p, sp, vv, kp, blk.lo, blk.hi, o);
+      }
+      const int64_t lo = std::min(blk.lo, d.s), hi = std::max(lo, std::min(blk.hi, d.s));
+      for (int64_t j = 0; j < blk.rows; ++j) {
+        if (P != nullptr) {
+          float* pj = P + ((b * d.h + h) * d.l + i0 + j) * d.s;
+          const float* src = p + j * sp;
+          std::fill(pj, pj + lo, 0.0f);
+          for (int64_t s = lo; s < hi; ++s) pj[s] = src[s] * inv[j];
+          std::fill(pj + hi, pj + d.s, 0.0f);
+        }
+        float* oj = O + ((b * d.l + i0 + j) * d.h + h) * d.k;
+        for (int64_t c = 0; c < d.k; ++c) oj[c] = o[j * kp + c] * inv[j];
+      }
+    }
+  });
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> allowed, float scale,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probs) {
+  Forward(pool, q, k, v, allowed, scale, out->typed_data(), probs->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error InferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> allowed, float scale,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  Forward(pool, q, k, v, allowed, scale, out->typed_data(), nullptr);
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> allowed,
+                        ffi::Buffer<ffi::F32> probs, ffi::Buffer<ffi::F32> dout, float scale,
+                        ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  const Dims d{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
+  const float* Q = q.typed_data();
+  const uint8_t* A = reinterpret_cast<const uint8_t*>(allowed.typed_data());
+  const float* P = probs.typed_data();
+  const float* DO = dout.typed_data();
+  float* DQ = dq->typed_data();
+  float* DK = dk->typed_data();
+  float* DV = dv->typed_data();
+  const int64_t r = d.h / d.g, sp = RoundUp(d.s), kp = RoundUp(d.k);
+  const std::vector<int32_t> ranges = AllowedRanges(d, A);
+  ParallelFor(pool, d.b * d.g, [&](int64_t task) {
+    const int64_t b = task / d.g, g = task % d.g;
+    float* vt = Scratch(0, kp * sp);
+    float* kk = Scratch(1, sp * kp);
+    float* dk_acc = Scratch(2, sp * kp);
+    float* dv_acc = Scratch(3, sp * kp);
+    float* qs = Scratch(4, kRows * kp);
+    float* dos = Scratch(5, kRows * kp);
+    float* p = Scratch(6, kRows * sp);
+    float* ds = Scratch(7, kRows * sp);
+    thread_local std::vector<float> more;
+    more.resize(kRows * kp + kRows * sp / 4);
+    float* dqs = more.data();
+    uint8_t* mask = reinterpret_cast<uint8_t*>(dqs + kRows * kp);
+    PackHead(d, v.typed_data(), b, g, true, vt, sp, kp);
+    PackHead(d, k.typed_data(), b, g, false, kk, sp, kp);
+    std::fill(dk_acc, dk_acc + sp * kp, 0.0f);
+    std::fill(dv_acc, dv_acc + sp * kp, 0.0f);
+    std::fill(qs, qs + kRows * kp, 0.0f);
+    std::fill(dos, dos + kRows * kp, 0.0f);
+    for (int64_t h = g * r; h < (g + 1) * r; ++h) {
+      for (int64_t i0 = 0; i0 < d.l; i0 += kRows) {
+        const RowBlock blk(d, A, ranges.data(), b, i0, sp, mask);
+        if (blk.lo < blk.hi) {
+          const int64_t hi_s = std::max(blk.lo, std::min(blk.hi, d.s));
+          for (int64_t j = 0; j < kRows; ++j) {
+            const int64_t row = (b * d.l + i0 + j) * d.h + h;
+            const bool real = j < blk.rows;
+            if (real) {
+              std::memcpy(qs + j * kp, Q + row * d.k, d.k * sizeof(float));
+              std::memcpy(dos + j * kp, DO + row * d.k, d.k * sizeof(float));
+            } else {
+              std::fill(qs + j * kp, qs + (j + 1) * kp, 0.0f);
+              std::fill(dos + j * kp, dos + (j + 1) * kp, 0.0f);
+            }
+            float* pj = p + j * sp;
+            if (real && blk.lo < hi_s)
+              std::memcpy(pj + blk.lo, P + ((b * d.h + h) * d.l + i0 + j) * d.s + blk.lo,
+                          (hi_s - blk.lo) * sizeof(float));
+            std::fill(pj + (real ? hi_s : blk.lo), pj + blk.hi, 0.0f);
+          }
+          // dlogits = p * (dp - sum(p * dp)) * scale, dp = dout v^T.
+          RowsTimesColumns(dos, kp, vt, sp, blk.lo, blk.hi, ds);
+          for (int j = 0; j < kRows; ++j) {
+            float* dsj = ds + j * sp;
+            const float* pj = p + j * sp;
+            const float dot = Dot(pj, dsj, blk.lo, blk.hi);
+            for (int64_t s = blk.lo; s < blk.hi; s += kLanes)
+              Store(dsj + s, Load(pj + s) * (Load(dsj + s) - dot) * scale);
+          }
+          WeightsTimesRows(ds, sp, kk, kp, blk.lo, blk.hi, dqs);
+          AccumulateTransposed(ds, sp, qs, kp, blk.lo, blk.hi, dk_acc);
+          AccumulateTransposed(p, sp, dos, kp, blk.lo, blk.hi, dv_acc);
+        } else {
+          std::fill(dqs, dqs + kRows * kp, 0.0f);
+        }
+        for (int64_t j = 0; j < blk.rows; ++j)
+          std::memcpy(DQ + ((b * d.l + i0 + j) * d.h + h) * d.k, dqs + j * kp,
+                      d.k * sizeof(float));
+      }
+    }
+    for (int64_t s = 0; s < d.s; ++s) {
+      std::memcpy(DK + ((b * d.s + s) * d.g + g) * d.k, dk_acc + s * kp, d.k * sizeof(float));
+      std::memcpy(DV + ((b * d.s + s) * d.g + g) * d.k, dv_acc + s * kp, d.k * sizeof(float));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionInference, InferenceImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

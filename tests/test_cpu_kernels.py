@@ -1,0 +1,130 @@
+"""The CPU attention kernel (lm/kernels): the same outputs and gradients as the XLA
+einsum path for every mask kind and head layout, its inference form, rows without an
+allowed key, the switch that turns it off, and its build cache."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.kernels import attention as kernel
+from lm.models import masks
+from lm.models.attention import dot_product_attention
+
+pytestmark = pytest.mark.skipif(
+    not (kernel._has_avx512() and kernel.available()),
+    reason="the CPU attention kernel needs AVX-512 and a C++ compiler on this machine")
+
+
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _xla_path(fn):
+    """`fn` traced with the kernel switched off (the einsum reference)."""
+    def wrapped(*args):
+        old = os.environ.get("LM_CPU_KERNELS")
+        os.environ["LM_CPU_KERNELS"] = "0"
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ["LM_CPU_KERNELS"]
+            else:
+                os.environ["LM_CPU_KERNELS"] = old
+    return wrapped
+
+
+def _mask(kind: str, b: int, length: int):
+    pos = jnp.broadcast_to(jnp.arange(length), (b, length))
+    ones = jnp.ones((b, length), jnp.int32)
+    if kind == "causal":
+        return masks.self_mask(ones, pos, causal=True)
+    if kind == "bidirectional_padding":  # BERT: row 1 is padded after 7 tokens
+        seg = ones.at[1, 7:].set(0)
+        return masks.self_mask(seg, pos, causal=False)
+    if kind == "packed_causal":  # two documents in row 0, padding in row 1
+        seg = ones.at[0, 9:].set(2).at[1, 11:].set(0)
+        return masks.self_mask(seg, masks.default_positions(seg), causal=True)
+    if kind == "prefix_lm":
+        prefix = masks.prefix_from_lengths(jnp.array([5, 12]), pos)
+        return masks.self_mask(ones, pos, causal=True, prefix=prefix)
+    assert kind == "none"
+    return None
+
+
+CASES = [  # (mask kind, length, query heads, key/value heads, head size)
+    ("causal", 64, 4, 4, 32),
+    ("causal", 20, 4, 2, 8),  # grouped heads; L and K not multiples of 16
+    ("bidirectional_padding", 24, 2, 1, 24),  # one key/value head for all
+    ("packed_causal", 17, 3, 3, 16),
+    ("prefix_lm", 33, 4, 1, 40),
+    ("none", 16, 2, 2, 64),
+]
+
+
+@pytest.mark.parametrize("kind,length,heads,kv_heads,k", CASES)
+def test_kernel_matches_the_einsum_path(kind, length, heads, kv_heads, k):
+    b = 2
+    q, key, v = (_normal(i, (b, length, h, k)) for i, h in enumerate((heads, kv_heads,
+                                                                         kv_heads)))
+    mask = _mask(kind, b, length)
+    valid = jnp.ones((b, length), bool) if mask is None else mask.q_segment_ids != 0
+    weights = _normal(9, (b, length, heads, k)) * valid[:, :, None, None]
+
+    def loss(q, key, v):  # padded queries carry no loss, as in the models
+        return jnp.sum(dot_product_attention(q, key, v, mask) * weights)
+
+    assert kernel.usable(q, key, v)
+    hlo = jax.jit(loss).lower(q, key, v).as_text()
+    assert "lm_attention_fwd" in hlo or "lm_attention_inference" in hlo
+    assert "lm_attention" not in jax.jit(_xla_path(loss)).lower(q, key, v).as_text()
+
+    out = jax.jit(lambda *a: dot_product_attention(*a, mask))(q, key, v)
+    ref = jax.jit(_xla_path(lambda *a: dot_product_attention(*a, mask)))(q, key, v)
+    np.testing.assert_allclose(out * valid[:, :, None, None], ref * valid[:, :, None, None],
+                               rtol=1e-5, atol=2e-6)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, key, v)
+    refs = jax.jit(_xla_path(jax.grad(loss, argnums=(0, 1, 2))))(q, key, v)
+    for g, r in zip(grads, refs, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6)
+    # the training forward (probabilities saved) gives the inference forward's values
+    train_out, _ = jax.vjp(jax.jit(lambda *a: dot_product_attention(*a, mask)), q, key, v)
+    np.testing.assert_allclose(train_out, out, rtol=1e-6, atol=1e-7)
+
+
+def test_rows_without_an_allowed_key_are_zero_and_carry_no_gradient():
+    b, length, h, k = 1, 16, 2, 16
+    q, key, v = (_normal(i, (b, length, h, k)) for i in range(3))
+    allowed = jnp.tril(jnp.ones((length, length), bool))[None].at[0, 3].set(False)
+    out = kernel.attention(q, key, v, allowed, 0.25)
+    np.testing.assert_array_equal(out[0, 3], 0.0)
+    dq = jax.grad(lambda q: jnp.sum(kernel.attention(q, key, v, allowed, 0.25)))(q)
+    np.testing.assert_array_equal(dq[0, 3], 0.0)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    q = jnp.zeros((1, 4, 1, 8))
+    assert kernel.usable(q, q, q)
+    monkeypatch.setenv("LM_CPU_KERNELS", "0")
+    assert not kernel.usable(q, q, q)
+    monkeypatch.delenv("LM_CPU_KERNELS")
+    half = q.astype(jnp.bfloat16)
+    assert not kernel.usable(half, half, half)  # fp32 only: bf16 keeps the XLA path
+
+
+def test_build_cache_and_a_failing_compiler(tmp_path, monkeypatch):
+    path = kernel.library_path(str(tmp_path))
+    assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 0
+    mtime = os.path.getmtime(path)
+    assert kernel.library_path(str(tmp_path)) == path  # cached: not rebuilt
+    assert os.path.getmtime(path) == mtime
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="failed on"):
+        kernel.library_path(str(tmp_path / "other"))
+    assert os.listdir(tmp_path / "other") == []  # no partial library left behind
