@@ -1,17 +1,22 @@
 """Attention forward + backward on the local device: the einsum reference vs
-`jax.nn.dot_product_attention` (XLA), causal mask, L = 128 ... 2048.
+`jax.nn.dot_product_attention` (XLA), causal mask, L = 128 ... 2048. On a CPU with
+AVX-512 'einsum' runs lm's C++ kernel (lm/kernels) for fp32; 'einsum_xla' is the same
+path with the kernel switched off (LM_CPU_KERNELS=0), XLA's einsums and softmax.
 
 One JSON line per (implementation, length): ms per fwd+bwd, GFLOP/s of the attention
 matmuls (4 * B * H * L^2 * K forward, x3 with backward), and XLA's peak temporary memory
 for the compiled computation.
 
     python benchmarks/attention.py [--lengths 128,256,512,1024,2048] [--repeats 5]
+    python benchmarks/attention.py --impls einsum_xla,einsum --lengths 64 --batch 12 \
+        --heads 4 --head_dim 32 --repeats 50        # char_lm:baby's attention, per layer
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -23,10 +28,27 @@ from lm.models.attention import dot_product_attention
 
 
 def make_fn(impl: str):
+    kernel_off = impl == "einsum_xla"
+    impl = "einsum" if kernel_off else impl
+
     def loss(q, k, v, mask):
         return jnp.sum(dot_product_attention(q, k, v, mask, impl=impl).astype(jnp.float32) ** 2)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    if not kernel_off:
+        return fn
+
+    class KernelOff:  # the kernel is chosen when tracing: trace with it switched off
+        def lower(self, *args):
+            old = os.environ.get("LM_CPU_KERNELS")
+            os.environ["LM_CPU_KERNELS"] = "0"
+            try:
+                return fn.lower(*args)
+            finally:
+                os.environ.pop("LM_CPU_KERNELS") if old is None else os.environ.update(
+                    LM_CPU_KERNELS=old)
+
+    return KernelOff()
 
 
 def bench(impl: str, length: int, batch: int, heads: int, head_dim: int, dtype, repeats: int):

@@ -13,7 +13,9 @@
   MLM head);
 - the attention softmax's backward p * (g - sum(p * g)) over `char_lm:baby`'s attention
   table, laid out [B, G, 1, L, S] (a size-1 group axis) and [B, H, L, S]
-  (`--attention_shape B H L S`).
+  (`--attention_shape B H L S`);
+- `char_lm:baby`'s MLP-backward product alone, times the GELU's slope fused into it, and
+  with a clamp between the two that keeps the multiply out of YNNPACK's fusion.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     def grouped(x):
         return x.reshape(b, heads, 1, length, keys)
 
+    # char_lm:baby's MLP backward: [768, 128] x [128, 512]ᵀ times the GELU's slope, with the
+    # multiply fused into YNNPACK's product (plain) or kept out by a clamp (lm's _gelu_bwd)
+    g_out = jax.random.normal(key, (768, 128))
+    w_out = jax.random.normal(jax.random.key(2), (512, 128))
+    slope = jax.random.normal(jax.random.key(3), (768, 512))
+    big = jnp.finfo(jnp.float32).max
+
     return {
         "row_max": (lambda x: jnp.max(x, -1), (logits,)),
         "row_sum": (lambda x: jnp.sum(x, -1), (logits,)),
@@ -77,6 +86,10 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         "dE_ht_g_then_T": (lambda g, h: dot(h, g, ((0,), (0,))).T, (logits, h)),
         "softmax_bwd_BG1LS": (softmax_bwd, (grouped(probs), grouped(dprobs))),
         "softmax_bwd_BHLS": (softmax_bwd, (probs, dprobs)),
+        "mlp_bwd_product": (lambda g, w: g @ w.T, (g_out, w_out)),
+        "mlp_bwd_product_times_slope": (lambda g, w, s: (g @ w.T) * s, (g_out, w_out, slope)),
+        "mlp_bwd_product_clamp_times_slope": (
+            lambda g, w, s: jnp.clip(g @ w.T, -big, big) * s, (g_out, w_out, slope)),
     }
 
 
