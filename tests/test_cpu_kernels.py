@@ -128,3 +128,23 @@ def test_build_cache_and_a_failing_compiler(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="failed on"):
         kernel.library_path(str(tmp_path / "other"))
     assert os.listdir(tmp_path / "other") == []  # no partial library left behind
+
+
+def test_cross_attention_shapes_match_the_einsum_path():
+    """Queries and keys of different lengths (decoder over encoder), key padding."""
+    q = _normal(0, (2, 10, 4, 16))
+    key, v = _normal(1, (2, 23, 2, 16)), _normal(2, (2, 23, 2, 16))
+    q_seg = jnp.ones((2, 10), jnp.int32)
+    kv_seg = jnp.ones((2, 23), jnp.int32).at[1, 15:].set(0)
+    mask = masks.cross_mask(q_seg, kv_seg, jnp.broadcast_to(jnp.arange(10), (2, 10)),
+                            jnp.broadcast_to(jnp.arange(23), (2, 23)))
+
+    def loss(q, key, v):
+        return jnp.sum(dot_product_attention(q, key, v, mask) * jnp.cos(q))
+
+    assert "lm_attention" in jax.jit(loss).lower(q, key, v).as_text()
+    np.testing.assert_allclose(jax.jit(loss)(q, key, v), jax.jit(_xla_path(loss))(q, key, v),
+                               rtol=1e-5)
+    for g, r in zip(jax.jit(jax.grad(loss, (0, 1, 2)))(q, key, v),
+                    jax.jit(_xla_path(jax.grad(loss, (0, 1, 2))))(q, key, v), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6)

@@ -36,6 +36,10 @@ def test_ops_compute_their_reference_values():
     want["softmax_bwd_BHLS"] = p * g - p * (p * g).sum(-1, keepdims=True)
     want["softmax_bwd_BG1LS"] = want["softmax_bwd_BHLS"][:, :, None]
     np.testing.assert_allclose(ops["softmax_bwd_BG1LS"][1][0], p[:, :, None], rtol=1e-6)
+    g_out, w_out, slope = (np.asarray(a, np.float64) for a in ops["mlp_bwd_product_times_slope"][1])
+    want["mlp_bwd_product"] = g_out @ w_out.T
+    want["mlp_bwd_product_times_slope"] = want["mlp_bwd_product_clamp_times_slope"] = (
+        g_out @ w_out.T * slope)
     assert set(ops) == set(want)
     for name, (fn, operands) in ops.items():
         np.testing.assert_allclose(jax.jit(fn)(*operands), want[name], rtol=1e-4, atol=1e-4,
