@@ -16,8 +16,8 @@ from lm.models import masks
 from lm.models.attention import dot_product_attention
 
 pytestmark = pytest.mark.skipif(
-    not (kernel._has_avx512() and kernel.available()),
-    reason="the CPU attention kernel needs AVX-512 and a C++ compiler on this machine")
+    not (kernel.has_simd() and kernel.available()),
+    reason="the CPU attention kernel needs AVX-512 or AVX2 and a C++ compiler here")
 
 
 def _normal(seed, shape):
@@ -116,6 +116,26 @@ def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.delenv("LM_CPU_KERNELS")
     half = q.astype(jnp.bfloat16)
     assert not kernel.usable(half, half, half)  # fp32 only: bf16 keeps the XLA path
+
+
+def test_the_avx2_build_matches_the_einsum_path(tmp_path, monkeypatch):
+    """The 8-float build (-march=haswell, AVX2 without AVX-512) runs on this CPU too."""
+    if "avx512f" not in kernel._cpu_id().split():
+        pytest.skip("the default build is already the AVX2 one on this CPU")
+    monkeypatch.setenv("LM_KERNEL_MARCH", "haswell")
+    import ctypes
+
+    lib = ctypes.cdll.LoadLibrary(kernel.library_path(str(tmp_path)))
+    jax.ffi.register_ffi_target("lm_attention_inference_avx2",
+                                jax.ffi.pycapsule(lib.LmAttentionInference), platform="cpu")
+    q, key, v = (_normal(i, (2, 20, 4, 24)) for i in range(3))
+    mask = _mask("packed_causal", 2, 20)
+    out = jax.ffi.ffi_call("lm_attention_inference_avx2", jax.ShapeDtypeStruct(q.shape,
+                                                                               jnp.float32))(
+        q, key, v, mask.allowed()[:, 0], scale=np.float32(24**-0.5))
+    ref = _xla_path(lambda *a: dot_product_attention(*a, mask))(q, key, v)
+    valid = (mask.q_segment_ids != 0)[:, :, None, None]
+    np.testing.assert_allclose(out * valid, ref * valid, rtol=1e-5, atol=2e-6)
 
 
 def test_build_cache_and_a_failing_compiler(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ per layer) into ~25 operations per layer and step: transposed copies of q, k and
 batched products at 30-45 GFLOP/s (a 64 x 64 x 32 product is too small for its GEMM
 libraries), the mask, the softmax and its gradient. The kernel computes the core on the
 model's own [B, L, H, K] layout, one (row, head) at a time, 4 query rows x 16 keys in
-AVX-512 registers, only over the keys between each query's first and last allowed one
+AVX-512 registers (8 with AVX2), only over the keys between each query's first and last allowed one
 (half of a causal table), on XLA's intra-op thread pool, and saves the probabilities
 only when a gradient is taken. `python benchmarks/attention.py --impls einsum_xla,einsum
 --lengths 64 --batch 12 --heads 4 --head_dim 32 --repeats 50` (forward + backward, one
@@ -14,7 +14,8 @@ Performance).
 
 It is compiled on first use with the machine's C++ compiler (`c++ -O3 -march=native`,
 about 5 s) into `LM_KERNEL_CACHE` (default `~/.cache/lm/kernels`), keyed by its source,
-the compiler, jax's version and the CPU, and registered as XLA FFI targets. Where no
+the compiler and its flags, jax's version and the CPU, and registered as XLA FFI targets
+(`LM_KERNEL_MARCH=haswell` builds the AVX2 form instead of `-march=native`). Where no
 compiler is found or the build fails, `available()` is False (with one warning) and
 callers keep the XLA path; `LM_CPU_KERNELS=0` turns the kernel off.
 """
@@ -38,6 +39,13 @@ from absl import logging
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_cpu.cc")
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
+def _flags() -> list[str]:
+    """The compiler flags; `LM_KERNEL_MARCH` replaces -march=native (e.g. `haswell`: the
+    AVX2 build on an AVX-512 machine, or one build for a cluster's oldest CPU)."""
+    march = os.environ.get("LM_KERNEL_MARCH")
+    return [f"-march={march}" if f == "-march=native" and march else f for f in _FLAGS]
 _TARGETS = {"lm_attention_fwd": "LmAttentionForward", "lm_attention_bwd": "LmAttentionBackward",
             "lm_attention_inference": "LmAttentionInference"}
 _lock = threading.Lock()
@@ -75,7 +83,7 @@ def library_path(cache_dir: str | None = None) -> str:
         source = f.read()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([
-        source, version.encode(), " ".join(_FLAGS).encode(), jax.__version__.encode(),
+        source, version.encode(), " ".join(_flags()).encode(), jax.__version__.encode(),
         _cpu_id().encode()])).hexdigest()[:16]
     cache_dir = cache_dir or os.environ.get("LM_KERNEL_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "lm", "kernels")
@@ -86,7 +94,7 @@ def library_path(cache_dir: str | None = None) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
     os.close(fd)
     try:
-        out = subprocess.run([cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp],
+        out = subprocess.run([cxx, *_flags(), f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp],
                              capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(f"{cxx} failed on {_SOURCE}: {out.stderr.strip()[-400:]}")
@@ -116,18 +124,20 @@ def available() -> bool:
 
 
 @functools.cache
-def _has_avx512() -> bool:
-    """The kernel's 16-float vectors are one AVX-512 register; compiled for AVX2 alone
-    they spill to the stack (40x slower than XLA's path), so only AVX-512 CPUs use it."""
-    return "avx512f" in _cpu_id().split()
+def has_simd() -> bool:
+    """Whether the CPU has AVX-512 or AVX2, the vector widths the kernel is written for
+    (16 and 8 floats; its generic vectors on other CPUs are untested for speed)."""
+    flags = _cpu_id().split()
+    return "avx512f" in flags or "avx2" in flags
 
 
 def usable(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> bool:
-    """Whether `attention` applies: fp32 operands on a CPU with AVX-512, kernel built.
+    """Whether `attention` applies: fp32 operands on a CPU with AVX-512 or AVX2, kernel
+    built.
     (Operands sharded over several devices are gathered for the call: the partitioner
     knows nothing of it; multi-device CPU runs are tests and debugging.)"""
     return (jax.default_backend() == "cpu"
-            and q.dtype == k.dtype == v.dtype == jnp.float32 and _has_avx512()
+            and q.dtype == k.dtype == v.dtype == jnp.float32 and has_simd()
             and available())
 
 

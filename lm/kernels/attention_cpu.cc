@@ -9,8 +9,8 @@
 // heads that share a key/value head accumulate its gradient without races), spread over
 // XLA's intra-op thread pool. Each task copies its head into small contiguous tiles and
 // only touches the columns between a query's first and last allowed key (causal masks:
-// half the work), 4 query rows x 16 keys or features at a time in registers. A row with
-// no allowed key gets zero probabilities and a zero output.
+// half the work), 4 query rows x 16 (AVX-512) or 8 (AVX2) keys or features at a time in
+// registers. A row with no allowed key gets zero probabilities and a zero output.
 
 #include <algorithm>
 #include <atomic>
@@ -31,53 +31,60 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// 16-float vectors (GCC/Clang vector extensions): one AVX-512 register. Python uses the
-// kernel only on AVX-512 CPUs: built for AVX2 these vectors spill to the stack.
+// One register of floats (GCC/Clang vector extensions): 16 lanes with AVX-512, 8 with
+// AVX2 (Python uses the kernel only on x86 CPUs with one of the two).
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 
-inline v16 Load(const float* p) {
-  v16 v;
+inline vf Load(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void Store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
-inline v16 Splat(float x) { return v16{} + x; }
+inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf Splat(float x) { return vf{} + x; }
 
 // exp(x) for x <= 0 (softmax after the row max), lane-wise: 2^n * p(r), |r| <= ln2 / 2,
 // a degree-6 Taylor polynomial (relative error < 2e-7).
-inline v16 ExpNonPositive(v16 x) {
+inline vf ExpNonPositive(vf x) {
   x = x < -87.0f ? Splat(-87.0f) : x;
   x = x > 0.0f ? Splat(0.0f) : x;  // a row with no allowed key: its max is -3e38
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const v16 t = x * 1.44269504088896341f + shifter;
-  const v16 n = t - shifter;
-  const v16i ni = (v16i)t - 0x4B400000;  // the integer n
-  const v16 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  const v16 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (
+  const vf t = x * 1.44269504088896341f + shifter;
+  const vf n = t - shifter;
+  const vi ni = (vi)t - 0x4B400000;  // the integer n
+  const vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  const vf p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (
       1.0f / 120 + r * (1.0f / 720))))));
-  return p * (v16)((ni + 127) << 23);
+  return p * (vf)((ni + 127) << 23);
 }
 
 typedef float v4 __attribute__((vector_size(16)));
 
-// Horizontal reductions by halving (vector adds / maxes, not 15 dependent scalar ops).
-inline v4 Quarter(v16 v, int which) {
+// Horizontal reductions over 4-float pieces (vector adds / maxes, then 3 scalar ops).
+inline v4 Piece(vf v, int which) {
   v4 q;
   std::memcpy(&q, reinterpret_cast<const char*>(&v) + 16 * which, sizeof(q));
   return q;
 }
 
-inline float HorizontalSum(v16 v) {
-  const v4 a = (Quarter(v, 0) + Quarter(v, 1)) + (Quarter(v, 2) + Quarter(v, 3));
+inline float HorizontalSum(vf v) {
+  v4 a = Piece(v, 0);
+  for (int i = 1; i < kLanes / 4; ++i) a += Piece(v, i);
   return (a[0] + a[1]) + (a[2] + a[3]);
 }
 
-inline v4 Max4(v4 a, v4 b) { return a > b ? a : b; }
-
-inline float HorizontalMax(v16 v) {
-  const v4 a = Max4(Max4(Quarter(v, 0), Quarter(v, 1)), Max4(Quarter(v, 2), Quarter(v, 3)));
+inline float HorizontalMax(vf v) {
+  v4 a = Piece(v, 0);
+  for (int i = 1; i < kLanes / 4; ++i) {
+    const v4 b = Piece(v, i);
+    a = a > b ? a : b;
+  }
   const float x = a[0] > a[1] ? a[0] : a[1], y = a[2] > a[3] ? a[2] : a[3];
   return x > y ? x : y;
 }
@@ -115,7 +122,7 @@ struct Dims {
 
 inline int64_t RoundUp(int64_t x) { return (x + kLanes - 1) / kLanes * kLanes; }
 
-constexpr int kRows = 4;  // query rows per block: 4 x 16 accumulators stay in registers
+constexpr int kRows = 4;  // query rows per block: 4 x 2 vector accumulators in registers
 
 // Scratch buffers of the calling thread, reused across tasks and calls (no allocation or
 // zero-filling per task).
@@ -146,7 +153,7 @@ void PackHead(const Dims& d, const float* X, int64_t b, int64_t g, bool transpos
   }
 }
 
-// Column ranges [lo, hi) below are multiples of 16 inside buffers padded to sp.
+// Column ranges [lo, hi) below are multiples of kLanes inside buffers padded to sp.
 
 // The two products below keep kRows x N vectors of accumulators in registers (N = 2:
 // eight independent FMA chains, enough to hide the FMA latency; N = 1 for an odd tail).
@@ -155,9 +162,9 @@ void PackHead(const Dims& d, const float* X, int64_t b, int64_t g, bool transpos
 template <int N>
 inline void RowsTimesColumnsN(const float* a, int64_t kp, const float* bt, int64_t sp,
                               int64_t s0, float* out) {
-  v16 acc[kRows][N] = {};
+  vf acc[kRows][N] = {};
   for (int64_t c = 0; c < kp; ++c) {
-    v16 col[N];
+    vf col[N];
     for (int n = 0; n < N; ++n) col[n] = Load(bt + c * sp + s0 + n * kLanes);
     for (int r = 0; r < kRows; ++r) {
       const float x = a[r * kp + c];
@@ -179,9 +186,9 @@ inline void RowsTimesColumns(const float* a, int64_t kp, const float* bt, int64_
 template <int N>
 inline void WeightsTimesRowsN(const float* w, int64_t sp, const float* rows, int64_t kp,
                               int64_t lo, int64_t hi, int64_t c0, float* out) {
-  v16 acc[kRows][N] = {};
+  vf acc[kRows][N] = {};
   for (int64_t s = lo; s < hi; ++s) {
-    v16 row[N];
+    vf row[N];
     for (int n = 0; n < N; ++n) row[n] = Load(rows + s * kp + c0 + n * kLanes);
     for (int r = 0; r < kRows; ++r) {
       const float x = w[r * sp + s];
@@ -205,7 +212,7 @@ inline void WeightsTimesRows(const float* w, int64_t sp, const float* rows, int6
 inline void AccumulateTransposed(const float* w, int64_t sp, const float* x, int64_t kp,
                                  int64_t lo, int64_t hi, float* acc) {
   for (int64_t c0 = 0; c0 < kp; c0 += kLanes) {
-    const v16 x0 = Load(x + c0), x1 = Load(x + kp + c0), x2 = Load(x + 2 * kp + c0),
+    const vf x0 = Load(x + c0), x1 = Load(x + kp + c0), x2 = Load(x + 2 * kp + c0),
               x3 = Load(x + 3 * kp + c0);
     for (int64_t s = lo; s < hi; ++s) {
       float* a = acc + s * kp + c0;
@@ -215,10 +222,10 @@ inline void AccumulateTransposed(const float* w, int64_t sp, const float* x, int
 }
 
 // A block of kRows query rows of one (batch row, head): a pointer to each row's mask
-// (sp bytes: the input row itself when S is a multiple of 16, else a zero-padded copy; a
+// (sp bytes: the input row itself when S is a multiple of kLanes, else a zero-padded copy; a
 // row of zeros past L) and the union of their allowed key ranges.
 struct RowBlock {
-  int64_t rows, lo, hi;  // lo, hi multiples of 16; lo >= hi: no allowed key
+  int64_t rows, lo, hi;  // lo, hi multiples of kLanes; lo >= hi: no allowed key
   const uint8_t* mask[kRows];
 
   RowBlock(const Dims& d, const uint8_t* allowed, const int32_t* ranges, int64_t b,
@@ -266,25 +273,19 @@ std::vector<int32_t> AllowedRanges(const Dims& d, const uint8_t* allowed) {
 
 // Softmax of the logits rows p[r][lo..hi) over their allowed keys (the others get 0; a
 // row with none gets all zeros).
-typedef uint8_t v16b __attribute__((vector_size(16)));
+typedef uint8_t vb __attribute__((vector_size(kLanes)));
 
 // Lanes whose mask byte is non-zero (all bits set) or zero. GCC scalarises the generic
-// byte-to-int conversion (16 inserts), so x86 builds widen with one instruction.
-inline v16i Allowed(const uint8_t* m) {
+// byte-to-int conversion (one insert per lane), so x86 builds widen with one instruction.
+inline vi Allowed(const uint8_t* m) {
 #if defined(__AVX512F__)
-  return (v16i)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m))) != 0;
+  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m))) != 0;
 #elif defined(__AVX2__)
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
-  v16i out;
-  const __m256i lo = _mm256_cvtepu8_epi32(bytes), hi = _mm256_cvtepu8_epi32(
-      _mm_srli_si128(bytes, 8));
-  std::memcpy(&out, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
-  return out != 0;
+  return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m))) != 0;
 #else
-  v16b bytes;
+  vb bytes;
   std::memcpy(&bytes, m, sizeof(bytes));
-  return __builtin_convertvector(bytes, v16i) != 0;
+  return __builtin_convertvector(bytes, vi) != 0;
 #endif
 }
 
@@ -293,14 +294,14 @@ inline v16i Allowed(const uint8_t* m) {
 // for a row with no allowed key). The caller normalises (rows of p and of p v).
 inline void MaskedExp(float* p, const uint8_t* const* mask, int64_t sp, int64_t lo, int64_t hi,
                       float* inv) {
-  v16 mx[kRows], sum[kRows];
+  vf mx[kRows], sum[kRows];
   for (int r = 0; r < kRows; ++r) {
     mx[r] = Splat(-3.0e38f);
     sum[r] = Splat(0.0f);
   }
   for (int64_t s = lo; s < hi; s += kLanes)
     for (int r = 0; r < kRows; ++r) {
-      const v16 x = Allowed(mask[r] + s) ? Load(p + r * sp + s) : Splat(-3.0e38f);
+      const vf x = Allowed(mask[r] + s) ? Load(p + r * sp + s) : Splat(-3.0e38f);
       mx[r] = x > mx[r] ? x : mx[r];
     }
   float top[kRows];
@@ -308,7 +309,7 @@ inline void MaskedExp(float* p, const uint8_t* const* mask, int64_t sp, int64_t 
   for (int64_t s = lo; s < hi; s += kLanes)
     for (int r = 0; r < kRows; ++r) {
       float* x = p + r * sp + s;
-      const v16 e = Allowed(mask[r] + s) ? ExpNonPositive(Load(x) - top[r]) : Splat(0.0f);
+      const vf e = Allowed(mask[r] + s) ? ExpNonPositive(Load(x) - top[r]) : Splat(0.0f);
       Store(x, e);
       sum[r] += e;
     }
@@ -319,7 +320,7 @@ inline void MaskedExp(float* p, const uint8_t* const* mask, int64_t sp, int64_t 
 }
 
 inline float Dot(const float* x, const float* y, int64_t lo, int64_t hi) {
-  v16 acc{};
+  vf acc{};
   for (int64_t s = lo; s < hi; s += kLanes) acc += Load(x + s) * Load(y + s);
   return HorizontalSum(acc);
 }
