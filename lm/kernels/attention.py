@@ -133,9 +133,8 @@ def has_simd() -> bool:
 
 def usable(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> bool:
     """Whether `attention` applies: fp32 operands on a CPU with AVX-512 or AVX2, kernel
-    built.
-    (Operands sharded over several devices are gathered for the call: the partitioner
-    knows nothing of it; multi-device CPU runs are tests and debugging.)"""
+    built. Operands sharded over several devices are gathered for the call (the
+    partitioner knows nothing of it; multi-device CPU runs are tests and debugging)."""
     return (jax.default_backend() == "cpu"
             and q.dtype == k.dtype == v.dtype == jnp.float32 and has_simd()
             and available())
