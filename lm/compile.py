@@ -128,6 +128,9 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chips are claimed here
+    # The process's default backend is the CPU, but the program is a TPU one: no CPU
+    # kernel (lm/kernels) may enter it.
+    os.environ["LM_CPU_KERNELS"] = "0"
     try:
         config_check.validate(FLAGS.config)
         report = compile_step(FLAGS.config, FLAGS.topology, FLAGS.num_slices,

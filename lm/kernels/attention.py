@@ -17,7 +17,8 @@ about 5 s) into `LM_KERNEL_CACHE` (default `~/.cache/lm/kernels`), keyed by its 
 the compiler and its flags, jax's version and the CPU, and registered as XLA FFI targets
 (`LM_KERNEL_MARCH=haswell` builds the AVX2 form instead of `-march=native`). Where no
 compiler is found or the build fails, `available()` is False (with one warning) and
-callers keep the XLA path; `LM_CPU_KERNELS=0` turns the kernel off.
+callers keep the XLA path; `LM_CPU_KERNELS=0` turns the kernel off (`lm.compile` sets it:
+it lowers TPU programs from a process whose default backend is the CPU).
 """
 
 from __future__ import annotations
