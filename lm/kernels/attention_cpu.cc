@@ -127,7 +127,7 @@ constexpr int kRows = 4;  // query rows per block: 4 x 2 vector accumulators in 
 // Scratch buffers of the calling thread, reused across tasks and calls (no allocation or
 // zero-filling per task).
 float* Scratch(int slot, int64_t size) {
-  thread_local std::vector<float> buffers[8];
+  thread_local std::vector<float> buffers[10];
   if (static_cast<int64_t>(buffers[slot].size()) < size) buffers[slot].resize(size);
   return buffers[slot].data();
 }
@@ -155,56 +155,45 @@ void PackHead(const Dims& d, const float* X, int64_t b, int64_t g, bool transpos
 
 // Column ranges [lo, hi) below are multiples of kLanes inside buffers padded to sp.
 
-// The two products below keep kRows x N vectors of accumulators in registers (N = 2:
-// eight independent FMA chains, enough to hide the FMA latency; N = 1 for an odd tail).
-
-// out[r][lo..hi) = sum_c a[r][c] * bt[c][lo..hi) for kRows rows (a: [kRows, kp]).
+// out[r][j] = sum_{t in [t0, t1)} a[r][t] * b[t][j] for kRows rows and the columns j in
+// [j0, j1) (multiples of kLanes), with kRows x N vectors of accumulators in registers
+// (N = 2: eight independent FMA chains, enough to hide the FMA latency; N = 1 for an odd
+// tail). Rows of a, b and out are a_stride, b_stride and out_stride floats apart.
 template <int N>
-inline void RowsTimesColumnsN(const float* a, int64_t kp, const float* bt, int64_t sp,
-                              int64_t s0, float* out) {
+inline void BlockProductN(const float* a, int64_t a_stride, const float* b, int64_t b_stride,
+                          int64_t t0, int64_t t1, int64_t j, float* out, int64_t out_stride) {
   vf acc[kRows][N] = {};
-  for (int64_t c = 0; c < kp; ++c) {
+  for (int64_t t = t0; t < t1; ++t) {
     vf col[N];
-    for (int n = 0; n < N; ++n) col[n] = Load(bt + c * sp + s0 + n * kLanes);
+    for (int n = 0; n < N; ++n) col[n] = Load(b + t * b_stride + j + n * kLanes);
     for (int r = 0; r < kRows; ++r) {
-      const float x = a[r * kp + c];
+      const float x = a[r * a_stride + t];
       for (int n = 0; n < N; ++n) acc[r][n] += x * col[n];
     }
   }
   for (int r = 0; r < kRows; ++r)
-    for (int n = 0; n < N; ++n) Store(out + r * sp + s0 + n * kLanes, acc[r][n]);
+    for (int n = 0; n < N; ++n) Store(out + r * out_stride + j + n * kLanes, acc[r][n]);
 }
 
+inline void BlockProduct(const float* a, int64_t a_stride, const float* b, int64_t b_stride,
+                         int64_t t0, int64_t t1, int64_t j0, int64_t j1, float* out,
+                         int64_t out_stride) {
+  int64_t j = j0;
+  for (; j + 2 * kLanes <= j1; j += 2 * kLanes)
+    BlockProductN<2>(a, a_stride, b, b_stride, t0, t1, j, out, out_stride);
+  if (j < j1) BlockProductN<1>(a, a_stride, b, b_stride, t0, t1, j, out, out_stride);
+}
+
+// out[r][lo..hi) = sum_c a[r][c] * bt[c][lo..hi) (a: [kRows, kp], bt: [kp, sp]): logits.
 inline void RowsTimesColumns(const float* a, int64_t kp, const float* bt, int64_t sp,
                              int64_t lo, int64_t hi, float* out) {
-  int64_t s0 = lo;
-  for (; s0 + 2 * kLanes <= hi; s0 += 2 * kLanes) RowsTimesColumnsN<2>(a, kp, bt, sp, s0, out);
-  if (s0 < hi) RowsTimesColumnsN<1>(a, kp, bt, sp, s0, out);
+  BlockProduct(a, kp, bt, sp, 0, kp, lo, hi, out, sp);
 }
 
 // out[r][0..kp) = sum_{s in [lo, hi)} w[r][s] * rows[s][0..kp) (w: [kRows, sp]).
-template <int N>
-inline void WeightsTimesRowsN(const float* w, int64_t sp, const float* rows, int64_t kp,
-                              int64_t lo, int64_t hi, int64_t c0, float* out) {
-  vf acc[kRows][N] = {};
-  for (int64_t s = lo; s < hi; ++s) {
-    vf row[N];
-    for (int n = 0; n < N; ++n) row[n] = Load(rows + s * kp + c0 + n * kLanes);
-    for (int r = 0; r < kRows; ++r) {
-      const float x = w[r * sp + s];
-      for (int n = 0; n < N; ++n) acc[r][n] += x * row[n];
-    }
-  }
-  for (int r = 0; r < kRows; ++r)
-    for (int n = 0; n < N; ++n) Store(out + r * kp + c0 + n * kLanes, acc[r][n]);
-}
-
 inline void WeightsTimesRows(const float* w, int64_t sp, const float* rows, int64_t kp,
                              int64_t lo, int64_t hi, float* out) {
-  int64_t c0 = 0;
-  for (; c0 + 2 * kLanes <= kp; c0 += 2 * kLanes)
-    WeightsTimesRowsN<2>(w, sp, rows, kp, lo, hi, c0, out);
-  if (c0 < kp) WeightsTimesRowsN<1>(w, sp, rows, kp, lo, hi, c0, out);
+  BlockProduct(w, sp, rows, kp, lo, hi, 0, kp, out, kp);
 }
 
 // acc[s][0..kp) += sum_r w[r][s] * x[r][0..kp) for s in [lo, hi) (the transposed products
@@ -342,7 +331,7 @@ void Forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F
     float* qs = Scratch(2, kRows * kp);
     float* p = Scratch(3, kRows * sp);
     float* o = Scratch(4, kRows * kp);
-    uint8_t* mask = reinterpret_cast<uint8_t*>(Scratch(5, kRows * sp / 4));
+    uint8_t* mask = reinterpret_cast<uint8_t*>(Scratch(5, kRows * sp / 4));  // bytes
     PackHead(d, k.typed_data(), b, h / r, true, kt, sp, kp);
     PackHead(d, v.typed_data(), b, h / r, false, vv, sp, kp);
     std::fill(qs, qs + kRows * kp, 0.0f);
@@ -415,15 +404,13 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     float* dos = Scratch(5, kRows * kp);
     float* p = Scratch(6, kRows * sp);
     float* ds = Scratch(7, kRows * sp);
-    thread_local std::vector<float> more;
-    more.resize(kRows * kp + kRows * sp / 4);
-    float* dqs = more.data();
-    uint8_t* mask = reinterpret_cast<uint8_t*>(dqs + kRows * kp);
+    float* dqs = Scratch(8, kRows * kp);
+    uint8_t* mask = reinterpret_cast<uint8_t*>(Scratch(9, kRows * sp / 4));  // bytes
     PackHead(d, v.typed_data(), b, g, true, vt, sp, kp);
     PackHead(d, k.typed_data(), b, g, false, kk, sp, kp);
     std::fill(dk_acc, dk_acc + sp * kp, 0.0f);
     std::fill(dv_acc, dv_acc + sp * kp, 0.0f);
-    std::fill(qs, qs + kRows * kp, 0.0f);
+    std::fill(qs, qs + kRows * kp, 0.0f);  // the feature padding [K, kp) stays zero
     std::fill(dos, dos + kRows * kp, 0.0f);
     for (int64_t h = g * r; h < (g + 1) * r; ++h) {
       for (int64_t i0 = 0; i0 < d.l; i0 += kRows) {
