@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.kernels import attention as cpu_kernels
 from lm.models import masks
 from lm.models.attention import dot_product_attention
 
@@ -40,13 +40,8 @@ def make_fn(impl: str):
 
     class KernelOff:  # the kernel is chosen when tracing: trace with it switched off
         def lower(self, *args):
-            old = os.environ.get("LM_CPU_KERNELS")
-            os.environ["LM_CPU_KERNELS"] = "0"
-            try:
+            with cpu_kernels.switched_off():
                 return fn.lower(*args)
-            finally:
-                os.environ.pop("LM_CPU_KERNELS") if old is None else os.environ.update(
-                    LM_CPU_KERNELS=old)
 
     return KernelOff()
 

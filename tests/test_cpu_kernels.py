@@ -27,15 +27,8 @@ def _normal(seed, shape):
 def _xla_path(fn):
     """`fn` traced with the kernel switched off (the einsum reference)."""
     def wrapped(*args):
-        old = os.environ.get("LM_CPU_KERNELS")
-        os.environ["LM_CPU_KERNELS"] = "0"
-        try:
+        with kernel.switched_off():
             return fn(*args)
-        finally:
-            if old is None:
-                del os.environ["LM_CPU_KERNELS"]
-            else:
-                os.environ["LM_CPU_KERNELS"] = old
     return wrapped
 
 

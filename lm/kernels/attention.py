@@ -23,6 +23,7 @@ it lowers TPU programs from a process whose default backend is the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -56,6 +57,20 @@ _state: dict[str, object] = {}
 def enabled() -> bool:
     """Whether the CPU kernels may be used (`LM_CPU_KERNELS=0` turns them off)."""
     return os.environ.get("LM_CPU_KERNELS", "1") != "0"
+
+
+@contextlib.contextmanager
+def switched_off():
+    """Traces inside take XLA's path (the kernel is chosen when tracing): for comparisons."""
+    old = os.environ.get("LM_CPU_KERNELS")
+    os.environ["LM_CPU_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LM_CPU_KERNELS"]
+        else:
+            os.environ["LM_CPU_KERNELS"] = old
 
 
 def _cpu_id() -> str:
