@@ -31,7 +31,7 @@ setup(
     description="JAX/Flax research codebase for Transformer language models",
     python_requires=">=3.11",
     packages=find_packages(include=["lm", "lm.*"]),
-    package_data={"lm.kernels": ["*.cc"]},  # compiled on first use (lm/kernels/attention.py)
+    package_data={"lm.kernels": ["*.cc", "*.h"]},  # compiled on first use (lm/kernels/build.py)
     install_requires=CORE,
     extras_require={
         # nbmake + ipykernel execute notebooks/ (pytest --nbmake notebooks/); wandb, gradio

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lm.kernels import attention as kernel
+from lm.kernels import build
 from lm.models import masks
 from lm.models.attention import dot_product_attention
 
@@ -113,7 +114,7 @@ def test_switched_off_by_the_environment(monkeypatch):
 
 def test_the_avx2_build_matches_the_einsum_path(tmp_path, monkeypatch):
     """The 8-float build (-march=haswell, AVX2 without AVX-512) runs on this CPU too."""
-    if "avx512f" not in kernel._cpu_id().split():
+    if "avx512f" not in build.cpu_id().split():
         pytest.skip("the default build is already the AVX2 one on this CPU")
     monkeypatch.setenv("LM_KERNEL_MARCH", "haswell")
     import ctypes

@@ -12,109 +12,9 @@
 // half the work), 4 query rows x 16 (AVX-512) or 8 (AVX2) keys or features at a time in
 // registers. A row with no allowed key gets zero probabilities and a zero output.
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
-#include <vector>
-
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_common.h"
 
 namespace {
-
-// One register of floats (GCC/Clang vector extensions): 16 lanes with AVX-512, 8 with
-// AVX2 (Python uses the kernel only on x86 CPUs with one of the two).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-typedef float vf __attribute__((vector_size(4 * kLanes)));
-typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
-
-inline vf Load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf Splat(float x) { return vf{} + x; }
-
-// exp(x) for x <= 0 (softmax after the row max), lane-wise: 2^n * p(r), |r| <= ln2 / 2,
-// a degree-6 Taylor polynomial (relative error < 2e-7).
-inline vf ExpNonPositive(vf x) {
-  x = x < -87.0f ? Splat(-87.0f) : x;
-  x = x > 0.0f ? Splat(0.0f) : x;  // a row with no allowed key: its max is -3e38
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vf t = x * 1.44269504088896341f + shifter;
-  const vf n = t - shifter;
-  const vi ni = (vi)t - 0x4B400000;  // the integer n
-  const vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  const vf p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (
-      1.0f / 120 + r * (1.0f / 720))))));
-  return p * (vf)((ni + 127) << 23);
-}
-
-typedef float v4 __attribute__((vector_size(16)));
-
-// Horizontal reductions over 4-float pieces (vector adds / maxes, then 3 scalar ops).
-inline v4 Piece(vf v, int which) {
-  v4 q;
-  std::memcpy(&q, reinterpret_cast<const char*>(&v) + 16 * which, sizeof(q));
-  return q;
-}
-
-inline float HorizontalSum(vf v) {
-  v4 a = Piece(v, 0);
-  for (int i = 1; i < kLanes / 4; ++i) a += Piece(v, i);
-  return (a[0] + a[1]) + (a[2] + a[3]);
-}
-
-inline float HorizontalMax(vf v) {
-  v4 a = Piece(v, 0);
-  for (int i = 1; i < kLanes / 4; ++i) {
-    const v4 b = Piece(v, i);
-    a = a > b ? a : b;
-  }
-  const float x = a[0] > a[1] ? a[0] : a[1], y = a[2] > a[3] ? a[2] : a[3];
-  return x > y ? x : y;
-}
-
-struct Tasks {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
-  std::function<void(int64_t)> body;
-
-  void Run() {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
-      body(i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-// Runs body(0..n-1) on the calling thread and the pool's workers. The caller claims
-// whatever is left, so it only ever waits for tasks already running (no deadlock when
-// the caller is itself a pool worker); helpers that start late find nothing to do.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> body) {
-  auto tasks = std::make_shared<Tasks>();
-  tasks->total = n;
-  tasks->body = std::move(body);
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([tasks] { tasks->Run(); });
-  tasks->Run();
-  while (tasks->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
 
 struct Dims {
   int64_t b, l, s, h, g, k;
@@ -123,14 +23,6 @@ struct Dims {
 inline int64_t RoundUp(int64_t x) { return (x + kLanes - 1) / kLanes * kLanes; }
 
 constexpr int kRows = 4;  // query rows per block: 4 x 2 vector accumulators in registers
-
-// Scratch buffers of the calling thread, reused across tasks and calls (no allocation or
-// zero-filling per task).
-float* Scratch(int slot, int64_t size) {
-  thread_local std::vector<float> buffers[10];
-  if (static_cast<int64_t>(buffers[slot].size()) < size) buffers[slot].resize(size);
-  return buffers[slot].data();
-}
 
 // One key/value head packed into a [rows_p, cols_p] tile, zero-padded: `transposed`
 // puts a key's features down a column (tile[c][s]), else along a row (tile[s][c]).

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm.kernels import cross_entropy as ce_kernel
 from lm.objectives.base import Metrics
 
 
@@ -93,12 +94,34 @@ def _chunk_stats(logits_BKV, targets_BK, weights_BK):
     return loss_BK.sum(), correct_BK.sum(), exp_BKV, sum_BK1
 
 
+def _chunk_loss(logits_BKV, targets_BK, weights_BK):
+    """(weighted loss sum, weighted correct count) of one chunk, without a gradient."""
+    if ce_kernel.usable(logits_BKV):
+        loss_BK, correct_BK = ce_kernel.stats(logits_BKV, targets_BK, weights_BK)
+        return loss_BK.sum(), correct_BK.sum()
+    loss, correct, _, _ = _chunk_stats(logits_BKV, targets_BK, weights_BK)
+    return loss, correct
+
+
+def _chunk_loss_and_grad(logits_BKV, targets_BK, weights_BK, dtype):
+    """`_chunk_loss` and the summed loss's gradient in the logits, (softmax - onehot) * w
+    in `dtype`. On the CPU one kernel computes all three with the logits read once
+    (lm/kernels/cross_entropy.py); XLA's path walks them four or five times."""
+    if ce_kernel.usable(logits_BKV, dtype):
+        loss_BK, correct_BK, dlogits_BKV = ce_kernel.stats_and_grad(
+            logits_BKV, targets_BK, weights_BK, dtype)
+        return loss_BK.sum(), correct_BK.sum(), dlogits_BKV
+    loss, correct, exp_BKV, sum_BK1 = _chunk_stats(logits_BKV, targets_BK, weights_BK)
+    onehot_BKV = jnp.arange(logits_BKV.shape[-1], dtype=targets_BK.dtype) == targets_BK[..., None]
+    dlogits_BKV = ((exp_BKV / sum_BK1 - onehot_BKV) * weights_BK[..., None]).astype(dtype)
+    return loss, correct, dlogits_BKV
+
+
 @jax.custom_vjp
 def _fused_loss(x_CBKD, table_VD, targets_CBK, weights_CBK):
     def body(totals, xs):
         x_BKD, targets_BK, weights_BK = xs
-        loss, correct, _, _ = _chunk_stats(_chunk_logits(x_BKD, table_VD), targets_BK,
-                                           weights_BK)
+        loss, correct = _chunk_loss(_chunk_logits(x_BKD, table_VD), targets_BK, weights_BK)
         return (totals[0] + loss, totals[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -107,16 +130,11 @@ def _fused_loss(x_CBKD, table_VD, targets_CBK, weights_CBK):
 
 
 def _fused_loss_fwd(x_CBKD, table_VD, targets_CBK, weights_CBK):
-    vocab = table_VD.shape[0]
-
     def body(carry, xs):
         loss_sum, correct_sum, dtable_DV = carry
         x_BKD, targets_BK, weights_BK = xs
-        logits_BKV = _chunk_logits(x_BKD, table_VD)
-        loss, correct, exp_BKV, sum_BK1 = _chunk_stats(logits_BKV, targets_BK, weights_BK)
-        onehot_BKV = jnp.arange(vocab, dtype=targets_BK.dtype) == targets_BK[..., None]
-        dlogits_BKV = ((exp_BKV / sum_BK1 - onehot_BKV) * weights_BK[..., None]
-                       ).astype(x_BKD.dtype)
+        loss, correct, dlogits_BKV = _chunk_loss_and_grad(
+            _chunk_logits(x_BKD, table_VD), targets_BK, weights_BK, x_BKD.dtype)
         dx_BKD = jnp.einsum("bkv,vd->bkd", dlogits_BKV, table_VD,
                             preferred_element_type=jnp.float32).astype(x_BKD.dtype)
         # accumulated as [D, V]: the product then contracts both operands over their
