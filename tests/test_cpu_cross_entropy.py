@@ -119,3 +119,12 @@ def test_fused_loss_with_and_without_the_kernel(dtype):
     assert float(value[1]) == float(ref_value[1])
     for g, r in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), **tol)
+
+
+def test_logits_used_again_are_not_overwritten_by_the_fp32_gradient():
+    logits, targets, weights = _case(4, (8,), 100)
+    both = jax.jit(lambda x: (ce.stats_and_grad(x * 2, targets, weights)[2], (x * 2).sum(-1)))
+    grad, sums = both(logits)
+    np.testing.assert_allclose(sums, (logits * 2).sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(grad, _reference(logits * 2, targets, weights, jnp.float32)[2],
+                               rtol=2e-6, atol=2e-6)

@@ -232,3 +232,27 @@ def test_forward_without_gradient_keeps_activations_out_of_ynnpack_products():
             pytest.skip(f"this XLA:CPU fuses none of jax.nn's {ours.__name__} into YNNPACK "
                         "products (the clamps may no longer be needed)")
         assert fused(ours) <= {"dot"}, (ours.__name__, fused(ours))
+
+
+@pytest.mark.parametrize("bias_shape", [(24,), (3, 8)])  # Dense; a [heads, head_dim] bias
+def test_add_bias_gradient_is_the_exact_token_sum_in_bf16(bias_shape):
+    from lm.models.custom_grads import add_bias
+
+    y = _normal(0, (4, 37, *bias_shape), 3.0).astype(jnp.bfloat16)
+    bias = _normal(1, bias_shape).astype(jnp.bfloat16)
+    weights = _normal(2, y.shape).astype(jnp.bfloat16)
+
+    def loss(y, b, add):
+        return jnp.sum((add(y, b) * weights).astype(jnp.float32))
+
+    dy, db = jax.grad(loss, argnums=(0, 1))(y, bias, add_bias)
+    dy_ref, _ = jax.grad(loss, argnums=(0, 1))(y, bias, lambda y, b: y + b)
+    np.testing.assert_array_equal(add_bias(y, bias), y + bias)
+    np.testing.assert_array_equal(dy, dy_ref)
+    # the sum of the bf16 cotangents in fp32, rounded once to bf16 (XLA's own reduction
+    # rounds partial sums to bf16 on the way and strays further from it)
+    exact = np.asarray(weights, np.float64).reshape(-1, *bias_shape).sum(0)
+    np.testing.assert_array_equal(db, jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16))
+    assert db.dtype == jnp.bfloat16
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=1), static_argnums=2)(y, bias, add_bias))
+    assert "dot_general" in jaxpr  # the product with ones (the loss itself has none)

@@ -86,8 +86,7 @@ inline float ExpSum(const float* x, int64_t v, float mx, float* e) {
   return sum;
 }
 
-inline Row Stats(const float* x, int64_t v, int32_t target, float w, float mx, float sum) {
-  const float xt = x[target];
+inline Row Stats(float xt, float w, float mx, float sum) {
   return {(mx + std::log(sum) - xt) * w, (xt >= mx ? 1.0f : 0.0f) * w};
 }
 
@@ -150,7 +149,7 @@ ffi::Error StatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
       }
       const float* x = X + r * s.v;
       const float mx = RowMax(x, s.v);
-      const Row row = Stats(x, s.v, Clamp(T[r], s.v), W[r], mx, ExpSum(x, s.v, mx, nullptr));
+      const Row row = Stats(x[Clamp(T[r], s.v)], W[r], mx, ExpSum(x, s.v, mx, nullptr));
       L[r] = row.loss;
       C[r] = row.correct;
     }
@@ -186,10 +185,12 @@ ffi::Error GradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
       }
       const float* x = X + r * s.v;
       const int32_t t = Clamp(T[r], s.v);
-      const float mx = RowMax(x, s.v);
+      const float mx = RowMax(x, s.v), xt = x[t];
+      // fp32: the exponentials go straight into the gradient, which may be the logits'
+      // own buffer (the call aliases them: each element is read before it is written)
       float* e = G == ffi::DataType::F32 ? out32 : Scratch(0, s.v);
       const float sum = ExpSum(x, s.v, mx, e);
-      const Row row = Stats(x, s.v, t, W[r], mx, sum);
+      const Row row = Stats(xt, W[r], mx, sum);
       L[r] = row.loss;
       C[r] = row.correct;
       if constexpr (G == ffi::DataType::F32) {

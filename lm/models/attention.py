@@ -19,7 +19,7 @@ from flax.core import meta
 from lm.kernels import attention as cpu_kernels
 from lm.models import positions as pos_lib
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import on_cpu, softmax
+from lm.models.custom_grads import add_bias, on_cpu, softmax
 from lm.models.masks import Mask
 from lm.sharding import constrain
 
@@ -176,7 +176,7 @@ def fused_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> list[jnp.ndarray]
     dtype = cfg.compute_dtype
     kernels = [jnp.asarray(kernel, dtype) for kernel, _ in params]
     outs = _qkv_product(x_BLD.astype(dtype), *kernels)
-    return [o if b is None else o + jnp.asarray(b, dtype)
+    return [o if b is None else add_bias(o, jnp.asarray(b, dtype))
             for o, (_, b) in zip(outs, params, strict=True)]
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from lm.models.attention import Attention
 from lm.models.config import ModelConfig
 from lm.models.custom_grads import (
+    add_bias,
     dense_product,
     gelu,
     gelu_tanh,
@@ -108,7 +109,7 @@ class Dense(nn.Module):
             bias = self.param("bias", param_init(cfg, self.axes[-1:],
                                                  nn.initializers.zeros_init()),
                               (self.features,), cfg.params_dtype)
-            y = y + jnp.asarray(bias, cfg.compute_dtype)
+            y = add_bias(y, jnp.asarray(bias, cfg.compute_dtype))
         return y
 
 
