@@ -15,7 +15,12 @@
   table, laid out [B, G, 1, L, S] (a size-1 group axis) and [B, H, L, S]
   (`--attention_shape B H L S`);
 - `char_lm:baby`'s MLP-backward product alone, times the GELU's slope fused into it, and
-  with a clamp between the two that keeps the multiply out of YNNPACK's fusion.
+  with a clamp between the two that keeps the multiply out of YNNPACK's fusion;
+- one loss chunk's loss, correct count and logits gradient (fp32 and bf16 gradient)
+  through XLA and through lm's CPU cross-entropy kernel (`ce_chunk_*`);
+- a bf16 bias gradient as XLA's reduction and as lm's product with [8, N] ones
+  (`bias_grad_bf16_*`; run with `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
+  LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE`, lm's bf16 setting).
 """
 
 from __future__ import annotations
@@ -74,6 +79,30 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     slope = jax.random.normal(jax.random.key(3), (768, 512))
     big = jnp.finfo(jnp.float32).max
 
+    from lm.kernels import build
+    from lm.models import custom_grads
+    from lm.objectives import losses
+
+    targets = jax.random.randint(key, (rows,), 0, vocab)
+    weights = jnp.ones((rows,))
+
+    def ce_chunk(dtype, kernel: bool):
+        def fn(x, t, w):  # x + 0: a fresh buffer the fp32 kernel may overwrite in place
+            return losses._chunk_loss_and_grad(x + 0, t, w, dtype)
+        if kernel:
+            return fn
+
+        def xla(*a):
+            with build.switched_off():  # traced with the kernel off
+                return fn(*a)
+        return xla
+
+    grad16 = grad.astype(jnp.bfloat16)
+    bias16 = jnp.zeros(bias_shape[-1:], jnp.bfloat16)
+
+    def bias_grad_bf16(add):
+        return jax.grad(lambda g, b: jnp.sum((add(g, b) * g).astype(jnp.float32)), 1)
+
     return {
         "row_max": (lambda x: jnp.max(x, -1), (logits,)),
         "row_sum": (lambda x: jnp.sum(x, -1), (logits,)),
@@ -90,6 +119,13 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         "mlp_bwd_product_times_slope": (lambda g, w, s: (g @ w.T) * s, (g_out, w_out, slope)),
         "mlp_bwd_product_clamp_times_slope": (
             lambda g, w, s: jnp.clip(g @ w.T, -big, big) * s, (g_out, w_out, slope)),
+        **{f"ce_chunk_{impl}_{name}": (ce_chunk(dtype, impl == "kernel"),
+                                        (logits, targets, weights))
+           for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))
+           for impl in ("xla", "kernel")},
+        "bias_grad_bf16_reduce": (bias_grad_bf16(lambda g, b: g + b), (grad16, bias16)),
+        "bias_grad_bf16_ones8_product": (bias_grad_bf16(custom_grads.add_bias),
+                                         (grad16, bias16)),
     }
 
 
