@@ -18,6 +18,9 @@
   with a clamp between the two that keeps the multiply out of YNNPACK's fusion;
 - one loss chunk's loss, correct count and logits gradient (fp32 and bf16 gradient)
   through XLA and through lm's CPU cross-entropy kernel (`ce_chunk_*`);
+- one read of as many fp32 values as the GPT 4x256's weights (table + 4 layers of 12 D^2:
+  64 MB at the defaults), the memory traffic of one batch-1 decoding step
+  (`weights_read`: a column sum, bound by memory bandwidth);
 - a bf16 bias gradient as XLA's reduction and as lm's product with [8, N] ones
   (`bias_grad_bf16_*`; run with `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
   LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE`, lm's bf16 setting).
@@ -97,6 +100,7 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
                 return fn(*a)
         return xla
 
+    weights_all = jax.random.normal(key, (vocab + 48 * width, width))
     grad16 = grad.astype(jnp.bfloat16)
     bias16 = jnp.zeros(bias_shape[-1:], jnp.bfloat16)
 
@@ -123,6 +127,7 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
                                         (logits, targets, weights))
            for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))
            for impl in ("xla", "kernel")},
+        "weights_read": (lambda w: jnp.sum(w, 0), (weights_all,)),
         "bias_grad_bf16_reduce": (bias_grad_bf16(lambda g, b: g + b), (grad16, bias16)),
         "bias_grad_bf16_ones8_product": (bias_grad_bf16(custom_grads.add_bias),
                                          (grad16, bias16)),

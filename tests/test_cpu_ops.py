@@ -53,6 +53,9 @@ def test_ops_compute_their_reference_values():
     g16, _ = ops["bias_grad_bf16_reduce"][1]
     g16 = np.asarray(g16.astype(np.float32), np.float64)
     want["bias_grad_bf16_reduce"] = want["bias_grad_bf16_ones8_product"] = g16.sum((0, 1))
+    (w_all,) = ops["weights_read"][1]
+    assert w_all.shape == (37 + 48 * 5, 5)
+    want["weights_read"] = np.asarray(w_all, np.float64).sum(0)
     assert set(ops) == set(want)
     for name, (fn, operands) in ops.items():
         got = jax.jit(fn)(*operands)
