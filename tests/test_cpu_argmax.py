@@ -1,0 +1,58 @@
+"""The CPU argmax kernel (lm/kernels/argmax_cpu.cc): jnp.argmax's index on every row —
+ties, NaN, -inf, lengths off the vector width, batching — and greedy decoding uses it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import generate
+from lm.kernels import argmax as kernel
+from lm.kernels import build
+
+pytestmark = pytest.mark.skipif(
+    not (build.has_simd() and build.available()),
+    reason="the CPU kernels need AVX-512 or AVX2 and a C++ compiler here")
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 16, 33, 50257])
+def test_matches_jnp_argmax(vocab):
+    x = jnp.asarray(np.random.default_rng(vocab).normal(size=(6, vocab)), jnp.float32)
+    np.testing.assert_array_equal(kernel.argmax(x), jnp.argmax(x, -1))
+
+
+def test_ties_nan_and_infinities():
+    x = jnp.array([[1.0, 3.0, 3.0, 0.0],            # tie: the first
+                   [-jnp.inf] * 4,                   # all -inf: index 0
+                   [1.0, jnp.nan, 5.0, jnp.nan],     # NaN counts as largest: the first
+                   [0.0, 0.0, 0.0, jnp.inf],
+                   [2.0] + [1.0] * 3], jnp.float32)
+    got = kernel.argmax(x)
+    np.testing.assert_array_equal(got, jnp.argmax(x, -1))
+    np.testing.assert_array_equal(got, [1, 0, 1, 3, 0])
+    tail = jnp.zeros((2, 37), jnp.float32).at[0, 36].set(1.0).at[1, 20].set(jnp.nan)
+    np.testing.assert_array_equal(kernel.argmax(tail), [36, 20])  # beyond the last vector
+
+
+def test_leading_axes_and_vmap():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 70)), jnp.float32)
+    assert kernel.argmax(x).shape == (3, 4) and kernel.argmax(x).dtype == jnp.int32
+    np.testing.assert_array_equal(kernel.argmax(x), jnp.argmax(x, -1))
+    np.testing.assert_array_equal(jax.vmap(kernel.argmax)(x), jnp.argmax(x, -1))
+
+
+def test_greedy_token_choice_uses_the_kernel_on_cpu():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(8, 300)), jnp.float32)
+
+    def pick():  # a fresh function per trace: the kernel is chosen when tracing
+        return lambda x: generate.sample_token(jax.random.key(0), x, temperature=0.0,
+                                               top_k=0, top_p=1.0)
+
+    assert "lm_row_argmax" in str(jax.make_jaxpr(pick())(logits))
+    with build.switched_off():
+        assert "lm_row_argmax" not in str(jax.make_jaxpr(pick())(logits))
+        ref = jax.jit(pick())(logits)
+    np.testing.assert_array_equal(jax.jit(pick())(logits), ref)
+    np.testing.assert_array_equal(ref, jnp.argmax(logits, -1))
