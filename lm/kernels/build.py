@@ -37,6 +37,7 @@ TARGETS = {
     "lm_cross_entropy_grad_f32": "LmCrossEntropyGradF32",
     "lm_cross_entropy_grad_bf16": "LmCrossEntropyGradBF16",
     "lm_row_argmax": "LmRowArgmax",
+    "lm_small_logits": "LmSmallLogits",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm.kernels import logits as logits_kernel
 from lm.models.attention import Attention
 from lm.models.config import ModelConfig
 from lm.models.custom_grads import (
@@ -48,6 +49,8 @@ def tied_logits(x_BLD: jnp.ndarray, table_VD: jnp.ndarray, dtype) -> jnp.ndarray
     """x @ Eᵀ in the compute dtype with fp32 accumulation and output (logits are fp32)."""
     x_BLD, table_VD = x_BLD.astype(dtype), jnp.asarray(table_VD, dtype)
     if on_cpu() and x_BLD.dtype == table_VD.dtype == jnp.float32:
+        if logits_kernel.usable(x_BLD, table_VD):  # decoding: a few rows
+            return logits_kernel.small_logits(x_BLD, table_VD)
         return tied_product(x_BLD, table_VD)
     return jnp.einsum("bld,vd->blv", x_BLD, table_VD, preferred_element_type=jnp.float32)
 
