@@ -166,12 +166,14 @@ def test_tied_product_matches_autodiff():
 def test_tied_logits_use_tied_product_on_cpu_in_fp32_only(monkeypatch):
     from lm.models.layers import tied_logits
 
-    x, table = _normal(0, (2, 3, 8)), _normal(1, (11, 8))
+    # more rows than lm.kernels.logits takes (decoding's few rows have their own kernel)
+    x, table = _normal(0, (2, 5, 8)), _normal(1, (11, 8))
 
     def traced(dtype):
         return str(jax.make_jaxpr(lambda x, t: tied_logits(x, t, dtype))(x, table))
 
-    assert "custom_vjp_call" in traced(jnp.float32)
+    assert "custom_vjp_call" in traced(jnp.float32) and "lm_small_logits" not in traced(
+        jnp.float32)
     assert "custom_vjp_call" not in traced(jnp.bfloat16)  # bf16 keeps fp32 accumulation
     want = tied_logits(x, table, jnp.float32)
     monkeypatch.setattr(attention_lib.jax, "default_backend", lambda: "gpu")
