@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.kernels import attention as cpu_kernels
+from lm.kernels import build
 from lm.models import masks
 from lm.models.attention import dot_product_attention
 
@@ -40,7 +40,7 @@ def make_fn(impl: str):
 
     class KernelOff:  # the kernel is chosen when tracing: trace with it switched off
         def lower(self, *args):
-            with cpu_kernels.switched_off():
+            with build.switched_off():
                 return fn.lower(*args)
 
     return KernelOff()

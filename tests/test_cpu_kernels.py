@@ -17,7 +17,7 @@ from lm.models import masks
 from lm.models.attention import dot_product_attention
 
 pytestmark = pytest.mark.skipif(
-    not (kernel.has_simd() and kernel.available()),
+    not (build.has_simd() and build.available()),
     reason="the CPU attention kernel needs AVX-512 or AVX2 and a C++ compiler here")
 
 
@@ -28,7 +28,7 @@ def _normal(seed, shape):
 def _xla_path(fn):
     """`fn` traced with the kernel switched off (the einsum reference)."""
     def wrapped(*args):
-        with kernel.switched_off():
+        with build.switched_off():
             return fn(*args)
     return wrapped
 
@@ -119,7 +119,7 @@ def test_the_avx2_build_matches_the_einsum_path(tmp_path, monkeypatch):
     monkeypatch.setenv("LM_KERNEL_MARCH", "haswell")
     import ctypes
 
-    lib = ctypes.cdll.LoadLibrary(kernel.library_path(str(tmp_path)))
+    lib = ctypes.cdll.LoadLibrary(build.library_path(str(tmp_path)))
     jax.ffi.register_ffi_target("lm_attention_inference_avx2",
                                 jax.ffi.pycapsule(lib.LmAttentionInference), platform="cpu")
     q, key, v = (_normal(i, (2, 20, 4, 24)) for i in range(3))
@@ -133,14 +133,14 @@ def test_the_avx2_build_matches_the_einsum_path(tmp_path, monkeypatch):
 
 
 def test_build_cache_and_a_failing_compiler(tmp_path, monkeypatch):
-    path = kernel.library_path(str(tmp_path))
+    path = build.library_path(str(tmp_path))
     assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 0
     mtime = os.path.getmtime(path)
-    assert kernel.library_path(str(tmp_path)) == path  # cached: not rebuilt
+    assert build.library_path(str(tmp_path)) == path  # cached: not rebuilt
     assert os.path.getmtime(path) == mtime
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     with pytest.raises(RuntimeError, match="failed on"):
-        kernel.library_path(str(tmp_path / "other"))
+        build.library_path(str(tmp_path / "other"))
     assert os.listdir(tmp_path / "other") == []  # no partial library left behind
 
 
