@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "cpu_common.h"
 
@@ -38,10 +39,6 @@ inline void StoreBf16(uint16_t* p, vf x) {
   const vh h = __builtin_convertvector(nan ? (bits >> 16) | 0x40u : rounded, vh);
   std::memcpy(p, &h, sizeof(h));
 }
-
-struct Row {
-  float loss, correct;
-};
 
 // Pass 1: the row's max (a NaN or an infinite logit makes the exponentials' sum, and
 // so the loss, NaN, as in XLA's path).
@@ -86,10 +83,6 @@ inline float ExpSum(const float* x, int64_t v, float mx, float* e) {
   return sum;
 }
 
-inline Row Stats(float xt, float w, float mx, float sum) {
-  return {(mx + std::log(sum) - xt) * w, (xt >= mx ? 1.0f : 0.0f) * w};
-}
-
 inline int32_t Clamp(int32_t t, int64_t v) {  // as XLA's gather clamps an index
   return t < 0 ? 0 : (t >= v ? static_cast<int32_t>(v - 1) : t);
 }
@@ -113,47 +106,67 @@ inline void GradBf16(const float* e, int64_t v, float scale, int32_t t, float w,
 
 constexpr int64_t kRowsPerTask = 4;
 
-struct Shape {
+// One call's rows: logits [n, v] with a trailing vocabulary axis, a target and a weight
+// per row in, the weighted loss and correct flag per row out.
+struct Rows {
   int64_t n, v;
+  const float* x;
+  const int32_t* t;
+  const float* w;
+  float* loss;
+  float* correct;
 };
 
-// Rows of logits with a trailing vocabulary axis; targets and weights one per row.
-ffi::Error CheckShape(const ffi::Buffer<ffi::F32>& logits, const ffi::Buffer<ffi::S32>& targets,
-                      const ffi::Buffer<ffi::F32>& weights, Shape* s) {
+ffi::Error GetRows(const ffi::Buffer<ffi::F32>& logits, const ffi::Buffer<ffi::S32>& targets,
+                   const ffi::Buffer<ffi::F32>& weights, ffi::ResultBuffer<ffi::F32>& loss,
+                   ffi::ResultBuffer<ffi::F32>& correct, Rows* rows) {
   const auto dims = logits.dimensions();
-  if (dims.size() < 1) return ffi::Error::InvalidArgument("logits need a vocabulary axis");
-  s->v = dims.back();
-  s->n = s->v ? static_cast<int64_t>(logits.element_count()) / s->v : 0;
-  if (static_cast<int64_t>(targets.element_count()) != s->n ||
-      static_cast<int64_t>(weights.element_count()) != s->n || s->v < 1) {
+  if (dims.size() < 1 || dims.back() < 1) {
+    return ffi::Error::InvalidArgument("logits need a non-empty vocabulary axis");
+  }
+  const int64_t v = dims.back(), n = static_cast<int64_t>(logits.element_count()) / v;
+  if (static_cast<int64_t>(targets.element_count()) != n ||
+      static_cast<int64_t>(weights.element_count()) != n) {
     return ffi::Error::InvalidArgument("targets and weights need one value per logits row");
   }
+  *rows = {n, v, logits.typed_data(), targets.typed_data(), weights.typed_data(),
+           loss->typed_data(), correct->typed_data()};
   return ffi::Error::Success();
+}
+
+// body(r) for every row of weight != 0 (on XLA's pool, kRowsPerTask rows a task); rows of
+// weight 0 (padding) get a zero loss and correct flag, and zero(r) for their gradient.
+template <typename Body, typename Zero>
+void ForEachRow(ffi::ThreadPool& pool, const Rows& c, Body body, Zero zero) {
+  ParallelFor(pool, (c.n + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    for (int64_t r = task * kRowsPerTask; r < std::min(c.n, (task + 1) * kRowsPerTask); ++r) {
+      if (c.w[r] == 0.0f) {
+        c.loss[r] = c.correct[r] = 0.0f;
+        zero(r);
+      } else {
+        body(r);
+      }
+    }
+  });
+}
+
+// Passes 1 and 2 of row r (exponentials into `e` unless null) and its loss and correct
+// flag; returns the exponentials' sum.
+inline float RowStats(const Rows& c, int64_t r, float* e) {
+  const float* x = c.x + r * c.v;
+  const float mx = RowMax(x, c.v), xt = x[Clamp(c.t[r], c.v)];  // xt before e overwrites x
+  const float sum = ExpSum(x, c.v, mx, e), w = c.w[r];
+  c.loss[r] = (mx + std::log(sum) - xt) * w;
+  c.correct[r] = (xt >= mx ? 1.0f : 0.0f) * w;  // ties count as correct
+  return sum;
 }
 
 ffi::Error StatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
                      ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> weights,
                      ffi::ResultBuffer<ffi::F32> loss, ffi::ResultBuffer<ffi::F32> correct) {
-  Shape s;
-  if (auto e = CheckShape(logits, targets, weights, &s); e.failure()) return e;
-  const float* X = logits.typed_data();
-  const int32_t* T = targets.typed_data();
-  const float* W = weights.typed_data();
-  float* L = loss->typed_data();
-  float* C = correct->typed_data();
-  ParallelFor(pool, (s.n + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
-    for (int64_t r = task * kRowsPerTask; r < std::min(s.n, (task + 1) * kRowsPerTask); ++r) {
-      if (W[r] == 0.0f) {
-        L[r] = C[r] = 0.0f;
-        continue;
-      }
-      const float* x = X + r * s.v;
-      const float mx = RowMax(x, s.v);
-      const Row row = Stats(x[Clamp(T[r], s.v)], W[r], mx, ExpSum(x, s.v, mx, nullptr));
-      L[r] = row.loss;
-      C[r] = row.correct;
-    }
-  });
+  Rows c;
+  if (auto e = GetRows(logits, targets, weights, loss, correct, &c); e.failure()) return e;
+  ForEachRow(pool, c, [&](int64_t r) { RowStats(c, r, nullptr); }, [](int64_t) {});
   return ffi::Error::Success();
 }
 
@@ -162,74 +175,48 @@ ffi::Error GradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
                     ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> weights,
                     ffi::ResultBuffer<ffi::F32> loss, ffi::ResultBuffer<ffi::F32> correct,
                     ffi::ResultBuffer<G> dlogits) {
-  Shape s;
-  if (auto e = CheckShape(logits, targets, weights, &s); e.failure()) return e;
-  const float* X = logits.typed_data();
-  const int32_t* T = targets.typed_data();
-  const float* W = weights.typed_data();
-  float* L = loss->typed_data();
-  float* C = correct->typed_data();
-  void* D = dlogits->untyped_data();
-  ParallelFor(pool, (s.n + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
-    for (int64_t r = task * kRowsPerTask; r < std::min(s.n, (task + 1) * kRowsPerTask); ++r) {
-      float* out32 = static_cast<float*>(D) + r * s.v;
-      uint16_t* out16 = static_cast<uint16_t*>(D) + r * s.v;
-      if (W[r] == 0.0f) {
-        L[r] = C[r] = 0.0f;
+  using T = std::conditional_t<G == ffi::DataType::F32, float, uint16_t>;  // bf16 bits
+  Rows c;
+  if (auto e = GetRows(logits, targets, weights, loss, correct, &c); e.failure()) return e;
+  T* D = static_cast<T*>(dlogits->untyped_data());
+  ForEachRow(
+      pool, c,
+      [&](int64_t r) {
+        T* out = D + r * c.v;
+        const int32_t t = Clamp(c.t[r], c.v);
         if constexpr (G == ffi::DataType::F32) {
-          std::fill(out32, out32 + s.v, 0.0f);
+          // the exponentials go straight into the gradient, which may be the logits' own
+          // buffer (the call aliases them: each element is read before it is written)
+          const float sum = RowStats(c, r, out);
+          GradF32(out, c.v, c.w[r] / sum, t, c.w[r]);
         } else {
-          std::fill(out16, out16 + s.v, static_cast<uint16_t>(0));
+          float* e = Scratch(0, c.v);
+          const float sum = RowStats(c, r, e);
+          GradBf16(e, c.v, c.w[r] / sum, t, c.w[r], out);
         }
-        continue;
-      }
-      const float* x = X + r * s.v;
-      const int32_t t = Clamp(T[r], s.v);
-      const float mx = RowMax(x, s.v), xt = x[t];
-      // fp32: the exponentials go straight into the gradient, which may be the logits'
-      // own buffer (the call aliases them: each element is read before it is written)
-      float* e = G == ffi::DataType::F32 ? out32 : Scratch(0, s.v);
-      const float sum = ExpSum(x, s.v, mx, e);
-      const Row row = Stats(xt, W[r], mx, sum);
-      L[r] = row.loss;
-      C[r] = row.correct;
-      if constexpr (G == ffi::DataType::F32) {
-        GradF32(e, s.v, W[r] / sum, t, W[r]);
-      } else {
-        GradBf16(e, s.v, W[r] / sum, t, W[r], out16);
-      }
-    }
-  });
+      },
+      [&](int64_t r) { std::fill(D + r * c.v, D + (r + 1) * c.v, T{0}); });
   return ffi::Error::Success();
+}
+
+// The handlers' common signature: logits, targets and weights in, loss and correct out.
+auto RowsBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmCrossEntropyStats, StatsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmCrossEntropyStats, StatsImpl, RowsBinding());
 
+// ... and the gradient in fp32 or bf16
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmCrossEntropyGradF32, GradImpl<ffi::DataType::F32>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              RowsBinding().Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmCrossEntropyGradBF16, GradImpl<ffi::DataType::BF16>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>());
+                              RowsBinding().Ret<ffi::Buffer<ffi::BF16>>());

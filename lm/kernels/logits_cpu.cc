@@ -46,6 +46,11 @@ inline void Rows(const float* h, const float* E, int64_t d, int64_t v0, int64_t 
   if (v < v1) RowDots<G, 1>(h, E + v * d, d, v, out, out_stride);
 }
 
+// Rows<G> for G = 1..kGroup h rows
+using RowsFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, float*, int64_t);
+constexpr RowsFn kRowsFor[kGroup + 1] = {nullptr,  Rows<1>, Rows<2>, Rows<3>, Rows<4>,
+                                         Rows<5>,  Rows<6>, Rows<7>, Rows<8>};
+
 ffi::Error SmallLogitsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> logits) {
   const auto tdims = table.dimensions();
@@ -64,16 +69,7 @@ ffi::Error SmallLogitsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       const int64_t g = std::min<int64_t>(kGroup, rows - m0);
       const float* h = H + m0 * d;
       float* out = O + m0 * vocab;
-      switch (g) {
-        case 8: Rows<8>(h, E, d, v0, v1, out, vocab); break;
-        case 7: Rows<7>(h, E, d, v0, v1, out, vocab); break;
-        case 6: Rows<6>(h, E, d, v0, v1, out, vocab); break;
-        case 5: Rows<5>(h, E, d, v0, v1, out, vocab); break;
-        case 4: Rows<4>(h, E, d, v0, v1, out, vocab); break;
-        case 3: Rows<3>(h, E, d, v0, v1, out, vocab); break;
-        case 2: Rows<2>(h, E, d, v0, v1, out, vocab); break;
-        default: Rows<1>(h, E, d, v0, v1, out, vocab); break;
-      }
+      kRowsFor[g](h, E, d, v0, v1, out, vocab);
     }
   });
   return ffi::Error::Success();
