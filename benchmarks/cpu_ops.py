@@ -7,7 +7,8 @@
 - row max / row sum over a [512, 50257] logits chunk (the softmax of the fused loss):
   where YNNPACK takes reductions (lm's flag) and where XLA's loops do;
 - a bias gradient of [16, 128, 1024] activations (batch, length, width) as a reduction
-  over the leading axes and as a ones-vector product;
+  over the leading axes and as a product with a ones vector or [8, N] ones
+  (`--bias_shape 1 320 30522`: BERT's MLM output bias);
 - the three [512, 50257] x 256 products of one loss chunk (forward and both gradients),
   the table gradient also as [D, V] then transposed (`--vocab 30522 --rows 320`: BERT's
   MLM head);
@@ -21,6 +22,8 @@
 - one read of as many fp32 values as the GPT 4x256's weights (table + 4 layers of 12 D^2:
   64 MB at the defaults), the memory traffic of one batch-1 decoding step
   (`weights_read`: a column sum, bound by memory bandwidth);
+- greedy decoding's token choice over 8 logits rows: `lax.top_k(x, 1)`, jnp.argmax and
+  lm's CPU argmax kernel (`argmax_*`);
 - a bf16 bias gradient as XLA's reduction and as lm's product with [8, N] ones
   (`bias_grad_bf16_*`; run with `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
   LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE`, lm's bf16 setting).
@@ -82,6 +85,7 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     slope = jax.random.normal(jax.random.key(3), (768, 512))
     big = jnp.finfo(jnp.float32).max
 
+    from lm.kernels import argmax as argmax_kernel
     from lm.kernels import build
     from lm.models import custom_grads
     from lm.objectives import losses
@@ -101,6 +105,7 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         return xla
 
     weights_all = jax.random.normal(key, (vocab + 48 * width, width))
+    logits8 = logits[:8]
     grad16 = grad.astype(jnp.bfloat16)
     bias16 = jnp.zeros(bias_shape[-1:], jnp.bfloat16)
 
@@ -112,6 +117,9 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         "row_sum": (lambda x: jnp.sum(x, -1), (logits,)),
         "bias_grad_reduce": (lambda g: jnp.sum(g, (0, 1)), (grad,)),
         "bias_grad_ones_product": (lambda g: ones @ g.reshape(ones.shape[0], -1), (grad,)),
+        # [8, N] ones: XLA rewrites the vector form above back into the reduction
+        "bias_grad_ones8_product": (
+            lambda g: (jnp.ones((8, ones.shape[0])) @ g.reshape(ones.shape[0], -1))[0], (grad,)),
         "logits_h_Et": (lambda h, e: dot(h, e, ((1,), (1,))), (h, table)),
         "dh_g_E": (lambda g, e: g @ e, (logits, table)),
         "dE_gt_h": (lambda g, h: dot(g, h, ((0,), (0,))), (logits, h)),
@@ -128,6 +136,12 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
            for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))
            for impl in ("xla", "kernel")},
         "weights_read": (lambda w: jnp.sum(w, 0), (weights_all,)),
+        # greedy decoding's token choice over [8, vocab] logits
+        "argmax_top_k1": (lambda x: jax.lax.top_k(x, 1)[1][:, 0], (logits8,)),
+        "argmax_jnp": (lambda x: jnp.argmax(x, -1), (logits8,)),
+        # (XLA's top_k where the kernel cannot be built)
+        "argmax_kernel": (argmax_kernel.argmax if argmax_kernel.usable(logits8)
+                          else lambda x: jax.lax.top_k(x, 1)[1][:, 0], (logits8,)),
         "bias_grad_bf16_reduce": (bias_grad_bf16(lambda g, b: g + b), (grad16, bias16)),
         "bias_grad_bf16_ones8_product": (bias_grad_bf16(custom_grads.add_bias),
                                          (grad16, bias16)),

@@ -30,6 +30,7 @@ def test_ops_compute_their_reference_values():
     want = {"row_max": x.max(-1), "row_sum": x.sum(-1)}
     (g,) = ops["bias_grad_reduce"][1]
     want["bias_grad_reduce"] = want["bias_grad_ones_product"] = np.asarray(g).sum((0, 1))
+    want["bias_grad_ones8_product"] = want["bias_grad_reduce"]
     h, e = (np.asarray(a, np.float64) for a in ops["logits_h_Et"][1])
     want.update(logits_h_Et=h @ e.T, dh_g_E=x @ e, dE_gt_h=x.T @ h, dE_ht_g_then_T=x.T @ h)
     p, g = (np.asarray(a, np.float64) for a in ops["softmax_bwd_BHLS"][1])
@@ -56,6 +57,8 @@ def test_ops_compute_their_reference_values():
     (w_all,) = ops["weights_read"][1]
     assert w_all.shape == (37 + 48 * 5, 5)
     want["weights_read"] = np.asarray(w_all, np.float64).sum(0)
+    (x8,) = ops["argmax_kernel"][1]
+    want["argmax_top_k1"] = want["argmax_jnp"] = want["argmax_kernel"] = np.asarray(x8).argmax(-1)
     assert set(ops) == set(want)
     for name, (fn, operands) in ops.items():
         got = jax.jit(fn)(*operands)
