@@ -135,10 +135,13 @@ print(statistics.median(faults[2:]))  # a call under load may still map afresh: 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc arenas")
 @pytest.mark.parametrize("defaults", ["1", "0"])
 def test_cpu_computations_run_inline_and_reuse_their_buffers(defaults):
-    """A call's 128 MB output: run on the caller's thread, its memory is reused (few
-    faults); on a worker thread, glibc maps it afresh and all 32,768 pages fault in."""
-    env = dict(os.environ, LM_DISPATCH_DEFAULTS=defaults, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="")  # one CPU device, as a user's process has
+    """A call's 128 MB output: with lm's defaults its memory is reused (few faults);
+    without them (dispatched to a worker thread, glibc's own malloc settings) it is
+    mapped afresh and all 32,768 pages fault in. Both defaults are switched off for the
+    second case: since lm puts every thread on the main arena (configure_malloc), a worker
+    thread may reuse the buffer too, whichever thread runs the call."""
+    env = dict(os.environ, LM_DISPATCH_DEFAULTS=defaults, LM_MALLOC_DEFAULTS=defaults,
+               JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device, as a user's process has
     faults = float(subprocess.run([sys.executable, "-c", _DISPATCH_PROBE], env=env,
                                   capture_output=True, text=True, check=True).stdout.split()[-1])
     pages = (128 << 20) // 4096
