@@ -38,6 +38,7 @@ TARGETS = {
     "lm_cross_entropy_grad_bf16": "LmCrossEntropyGradBF16",
     "lm_row_argmax": "LmRowArgmax",
     "lm_small_logits": "LmSmallLogits",
+    "lm_table_grads_bf16": "LmTableGradsBF16",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.kernels import cross_entropy as ce_kernel
+from lm.kernels import table_grads as tg_kernel
 from lm.objectives.base import Metrics
 
 
@@ -130,11 +131,21 @@ def _fused_loss(x_CBKD, table_VD, targets_CBK, weights_CBK):
 
 
 def _fused_loss_fwd(x_CBKD, table_VD, targets_CBK, weights_CBK):
+    _, b, k, d = x_CBKD.shape
+    # bf16 on an AMX CPU: both backward products in one kernel per chunk
+    amx = tg_kernel.usable(jax.ShapeDtypeStruct((b * k, d), x_CBKD.dtype), table_VD)
+    paired = tg_kernel.pair_rows(table_VD) if amx else None
+
     def body(carry, xs):
         loss_sum, correct_sum, dtable_DV = carry
         x_BKD, targets_BK, weights_BK = xs
         loss, correct, dlogits_BKV = _chunk_loss_and_grad(
             _chunk_logits(x_BKD, table_VD), targets_BK, weights_BK, x_BKD.dtype)
+        if amx:
+            dx_TD, dtable_DV = tg_kernel.table_grads(
+                dlogits_BKV.reshape(b * k, -1), x_BKD.reshape(b * k, d), paired, dtable_DV)
+            dx_BKD = dx_TD.reshape(x_BKD.shape).astype(x_BKD.dtype)
+            return (loss_sum + loss, correct_sum + correct, dtable_DV), dx_BKD
         dx_BKD = jnp.einsum("bkv,vd->bkd", dlogits_BKV, table_VD,
                             preferred_element_type=jnp.float32).astype(x_BKD.dtype)
         # accumulated as [D, V]: the product then contracts both operands over their
