@@ -58,6 +58,26 @@ inline vf ExpNonPositive(vf x) {
   return p * (vf)((ni + 127) << 23);
 }
 
+typedef uint32_t vu32 __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
+
+// fp32 -> bf16, round to nearest even (a NaN stays a quiet NaN), as XLA converts.
+inline uint16_t ToBf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if (x != x) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+inline void StoreBf16(uint16_t* p, vf x) {
+  vu32 bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const vu32 nan = (vu32)(x != x);
+  const vu32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const vh h = __builtin_convertvector(nan ? (bits >> 16) | 0x40u : rounded, vh);
+  std::memcpy(p, &h, sizeof(h));
+}
+
 typedef float v4 __attribute__((vector_size(16)));
 
 // Horizontal reductions over 4-float pieces (vector adds / maxes, then 3 scalar ops).

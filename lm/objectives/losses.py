@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm.kernels import amx_projection as amx_kernel
 from lm.kernels import cross_entropy as ce_kernel
-from lm.kernels import table_grads as tg_kernel
 from lm.objectives.base import Metrics
 
 
@@ -118,11 +118,32 @@ def _chunk_loss_and_grad(logits_BKV, targets_BK, weights_BK, dtype):
     return loss, correct, dlogits_BKV
 
 
+def _amx(x_CBKD, table_VD) -> bool:
+    """Whether a chunk's projection, loss and gradients run as one AMX kernel call
+    (bf16 on a CPU with AMX: lm/kernels/amx_projection.py)."""
+    _, b, k, d = x_CBKD.shape
+    return amx_kernel.usable(jax.ShapeDtypeStruct((b * k, d), x_CBKD.dtype), table_VD)
+
+
+def _tokens(x_BKD, targets_BK, weights_BK):
+    return (x_BKD.reshape(-1, x_BKD.shape[-1]), targets_BK.reshape(-1),
+            weights_BK.reshape(-1))
+
+
 @jax.custom_vjp
 def _fused_loss(x_CBKD, table_VD, targets_CBK, weights_CBK):
+    amx = _amx(x_CBKD, table_VD)
+    columns = amx_kernel.pack(table_VD)[0] if amx else None
+
     def body(totals, xs):
         x_BKD, targets_BK, weights_BK = xs
-        loss, correct = _chunk_loss(_chunk_logits(x_BKD, table_VD), targets_BK, weights_BK)
+        if amx:
+            loss_T, correct_T = amx_kernel.chunk_stats(
+                *_tokens(x_BKD, targets_BK, weights_BK), columns, table_VD.shape[0])
+            loss, correct = loss_T.sum(), correct_T.sum()
+        else:
+            loss, correct = _chunk_loss(_chunk_logits(x_BKD, table_VD), targets_BK,
+                                        weights_BK)
         return (totals[0] + loss, totals[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -131,21 +152,20 @@ def _fused_loss(x_CBKD, table_VD, targets_CBK, weights_CBK):
 
 
 def _fused_loss_fwd(x_CBKD, table_VD, targets_CBK, weights_CBK):
-    _, b, k, d = x_CBKD.shape
-    # bf16 on an AMX CPU: both backward products in one kernel per chunk
-    amx = tg_kernel.usable(jax.ShapeDtypeStruct((b * k, d), x_CBKD.dtype), table_VD)
-    paired = tg_kernel.pair_rows(table_VD) if amx else None
+    amx = _amx(x_CBKD, table_VD)
+    if amx:  # the table packed once per step for the kernel's two products
+        columns, rows = amx_kernel.pack(table_VD)
 
     def body(carry, xs):
         loss_sum, correct_sum, dtable_DV = carry
         x_BKD, targets_BK, weights_BK = xs
+        if amx:
+            loss_T, correct_T, dx_TD, dtable_DV = amx_kernel.chunk_grads(
+                *_tokens(x_BKD, targets_BK, weights_BK), columns, rows, dtable_DV)
+            dx_BKD = dx_TD.reshape(x_BKD.shape).astype(x_BKD.dtype)
+            return (loss_sum + loss_T.sum(), correct_sum + correct_T.sum(), dtable_DV), dx_BKD
         loss, correct, dlogits_BKV = _chunk_loss_and_grad(
             _chunk_logits(x_BKD, table_VD), targets_BK, weights_BK, x_BKD.dtype)
-        if amx:
-            dx_TD, dtable_DV = tg_kernel.table_grads(
-                dlogits_BKV.reshape(b * k, -1), x_BKD.reshape(b * k, d), paired, dtable_DV)
-            dx_BKD = dx_TD.reshape(x_BKD.shape).astype(x_BKD.dtype)
-            return (loss_sum + loss, correct_sum + correct, dtable_DV), dx_BKD
         dx_BKD = jnp.einsum("bkv,vd->bkd", dlogits_BKV, table_VD,
                             preferred_element_type=jnp.float32).astype(x_BKD.dtype)
         # accumulated as [D, V]: the product then contracts both operands over their
