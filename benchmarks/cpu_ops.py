@@ -26,7 +26,12 @@
   lm's CPU argmax kernel (`argmax_*`);
 - a bf16 bias gradient as XLA's reduction and as lm's product with [8, N] ones
   (`bias_grad_bf16_*`; run with `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
-  LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE`, lm's bf16 setting).
+  LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE`, lm's bf16 setting);
+- one bf16 loss chunk, [rows, width] hidden states against the [vocab, width] table:
+  its loss sums, or those and both gradients (dx and the table's [D, V] sum), through
+  XLA's products and the cross-entropy kernel and through lm's AMX kernels
+  (`bf16_chunk_{stats,grads}_{xla,amx}`, on CPUs with AMX; same flag as above), and the
+  table's packing for the AMX kernels once per step (`amx_pack_{xla,kernel}`).
 """
 
 from __future__ import annotations
@@ -112,7 +117,39 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     def bias_grad_bf16(add):
         return jax.grad(lambda g, b: jnp.sum((add(g, b) * g).astype(jnp.float32)), 1)
 
+    from lm.kernels import amx_projection as amx
+
+    h16, table16 = h.astype(jnp.bfloat16), (table * 0.05).astype(jnp.bfloat16)
+    acc = jnp.zeros((width, vocab), jnp.float32)
+
+    def xla_chunk(grads: bool):
+        def fn(x, e, t, w, a):  # the fused loss's chunk body: lm/objectives/losses.py
+            logits = losses._chunk_logits(x[None], e)[0]
+            if not grads:
+                return losses._chunk_loss(logits, t, w)
+            loss, correct, g = losses._chunk_loss_and_grad(logits, t, w, jnp.bfloat16)
+            dx = jnp.einsum("kv,vd->kd", g, e, preferred_element_type=jnp.float32)
+            return loss, correct, dx, a + jnp.einsum("kd,kv->dv", x, g,
+                                                     preferred_element_type=jnp.float32)
+        return fn
+
+    amx_ops = {}
+    if amx.usable(h16, table16):
+        cols, rows_ = jax.jit(amx.pack)(table16)  # once per step in the fused loss
+        amx_ops = {
+            "bf16_chunk_stats_xla": (xla_chunk(False), (h16, table16, targets, weights, acc)),
+            "bf16_chunk_stats_amx": (lambda x, c, t, w: amx.chunk_stats(x, t, w, c, vocab),
+                                     (h16, cols, targets, weights)),
+            "bf16_chunk_grads_xla": (xla_chunk(True), (h16, table16, targets, weights, acc)),
+            "bf16_chunk_grads_amx": (
+                lambda x, c, r, t, w, a: amx.chunk_grads(x, t, w, c, r, a),
+                (h16, cols, rows_, targets, weights, acc)),
+            "amx_pack_xla": (lambda e: (amx.pair_columns(e), amx.pair_rows(e)), (table16,)),
+            "amx_pack_kernel": (amx.pack, (table16,)),
+        }
+
     return {
+        **amx_ops,
         "row_max": (lambda x: jnp.max(x, -1), (logits,)),
         "row_sum": (lambda x: jnp.sum(x, -1), (logits,)),
         "bias_grad_reduce": (lambda g: jnp.sum(g, (0, 1)), (grad,)),

@@ -158,3 +158,23 @@ def test_fused_loss_with_and_without_the_kernel():
         # both accumulate in fp32 and round once to bf16: at most one bf16 step apart
         np.testing.assert_allclose(g, r, rtol=2 ** -7, atol=1e-3 * np.abs(r).max())
         assert np.abs(g - r).mean() < 1e-3 * np.abs(r).mean()
+
+
+@needs_amx
+def test_bf16_training_with_the_kernels_follows_xla_paths_loss_curve(tmp_path, monkeypatch):
+    from lm import train
+    from tests.test_train import losses, make_config
+
+    traced = []
+    chunk_grads = amx.chunk_grads
+    monkeypatch.setattr(amx, "chunk_grads", lambda *a: traced.append(1) or chunk_grads(*a))
+    run = {"train.steps": 6, "train.log_every": 1, "train.eval_every": 6,
+           "model.dtype": "bfloat16"}
+    train.train_and_evaluate(make_config(tmp_path, **run), str(tmp_path / "amx"))
+    assert traced, "the bf16 test config no longer takes the AMX kernels"
+    monkeypatch.setenv("LM_AMX_KERNELS", "0")
+    train.train_and_evaluate(make_config(tmp_path, **run), str(tmp_path / "xla"))
+    ours, xla = losses(tmp_path / "amx"), losses(tmp_path / "xla")
+    assert sorted(ours) == sorted(xla) == list(range(1, 7))
+    for step in xla:  # the same bf16 rounding of the same values: far inside bf16's 0.02
+        assert abs(ours[step] - xla[step]) < 2e-3, (step, ours[step], xla[step])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +81,23 @@ def test_prints_one_line_per_op():
     lines = [json.loads(line) for line in out]
     assert [r["op"] for r in lines] == list(_module().ops(8, 2, 2, (2, 2, 2)))
     assert all(r["what"] == "cpu_op" and r["best_ms"] > 0 for r in lines)
+
+
+def test_bf16_chunk_ops_agree_between_xla_and_the_amx_kernels():
+    from lm.kernels import amx_projection
+
+    if not amx_projection.has_amx():
+        pytest.skip("the AMX ops exist only on a CPU with AMX (amx_tile, amx_bf16)")
+    ops = _module().ops(vocab=37, rows=32, width=32, bias_shape=(2, 2, 2))
+    for what in ("stats", "grads"):
+        xla = jax.jit(ops[f"bf16_chunk_{what}_xla"][0])(*ops[f"bf16_chunk_{what}_xla"][1])
+        ours = jax.jit(ops[f"bf16_chunk_{what}_amx"][0])(*ops[f"bf16_chunk_{what}_amx"][1])
+        xla = (xla[0], xla[1], *xla[2:])
+        ours = (ours[0].sum(), ours[1].sum(), *ours[2:])  # the kernel's sums are per token
+        for o, x in zip(ours, xla, strict=True):
+            np.testing.assert_allclose(np.asarray(o, np.float64), np.asarray(x, np.float64),
+                                       rtol=1e-2, atol=1e-3, err_msg=what)
+    cols, rows = jax.jit(ops["amx_pack_kernel"][0])(*ops["amx_pack_kernel"][1])
+    want_cols, want_rows = ops["amx_pack_xla"][0](*ops["amx_pack_xla"][1])
+    np.testing.assert_array_equal(np.asarray(cols), np.asarray(want_cols))
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(want_rows))
