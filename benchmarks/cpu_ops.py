@@ -11,7 +11,7 @@
   (`--bias_shape 1 320 30522`: BERT's MLM output bias);
 - the three [512, 50257] x 256 products of one loss chunk (forward and both gradients),
   the table gradient also as [D, V] then transposed (`--vocab 30522 --rows 320`: BERT's
-  MLM head);
+  MLM head), and the three with bf16 operands (`*_bf16`; run with lm's bf16 flag, below);
 - the attention softmax's backward p * (g - sum(p * g)) over `char_lm:baby`'s attention
   table, laid out [B, G, 1, L, S] (a size-1 group axis) and [B, H, L, S]
   (`--attention_shape B H L S`);
@@ -67,6 +67,10 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     def dot(a, b, contract):
         return jax.lax.dot_general(a, b, (contract, ((), ())))
 
+    def dot32(a, b, contract):
+        return jax.lax.dot_general(a, b, (contract, ((), ())),
+                                   preferred_element_type=jnp.float32)
+
     key = jax.random.key(0)
     logits = jax.random.normal(key, (rows, vocab))
     table = jax.random.normal(key, (vocab, width))
@@ -120,6 +124,7 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     from lm.kernels import amx_projection as amx
 
     h16, table16 = h.astype(jnp.bfloat16), (table * 0.05).astype(jnp.bfloat16)
+    logits16 = logits.astype(jnp.bfloat16)
     acc = jnp.zeros((width, vocab), jnp.float32)
 
     def xla_chunk(grads: bool):
@@ -162,6 +167,10 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         "dE_gt_h": (lambda g, h: dot(g, h, ((0,), (0,))), (logits, h)),
         # the same table gradient as [D, V], transposed once (lm's fused loss, tied_product)
         "dE_ht_g_then_T": (lambda g, h: dot(h, g, ((0,), (0,))).T, (logits, h)),
+        # the same three products with bf16 operands and fp32 accumulation (lm's bf16 step)
+        "logits_h_Et_bf16": (lambda h, e: dot32(h, e, ((1,), (1,))), (h16, table16)),
+        "dh_g_E_bf16": (lambda g, e: dot32(g, e, ((1,), (0,))), (logits16, table16)),
+        "dE_ht_g_bf16": (lambda g, h: dot32(h, g, ((0,), (0,))), (logits16, h16)),
         "softmax_bwd_BG1LS": (softmax_bwd, (grouped(probs), grouped(dprobs))),
         "softmax_bwd_BHLS": (softmax_bwd, (probs, dprobs)),
         "mlp_bwd_product": (lambda g, w: g @ w.T, (g_out, w_out)),

@@ -34,6 +34,9 @@ def test_ops_compute_their_reference_values():
     want["bias_grad_ones8_product"] = want["bias_grad_reduce"]
     h, e = (np.asarray(a, np.float64) for a in ops["logits_h_Et"][1])
     want.update(logits_h_Et=h @ e.T, dh_g_E=x @ e, dE_gt_h=x.T @ h, dE_ht_g_then_T=x.T @ h)
+    h16, e16 = (np.asarray(a, np.float64) for a in ops["logits_h_Et_bf16"][1])
+    x16 = np.asarray(ops["dh_g_E_bf16"][1][0], np.float64)
+    want.update(logits_h_Et_bf16=h16 @ e16.T, dh_g_E_bf16=x16 @ e16, dE_ht_g_bf16=h16.T @ x16)
     p, g = (np.asarray(a, np.float64) for a in ops["softmax_bwd_BHLS"][1])
     want["softmax_bwd_BHLS"] = p * g - p * (p * g).sum(-1, keepdims=True)
     want["softmax_bwd_BG1LS"] = want["softmax_bwd_BHLS"][:, :, None]
