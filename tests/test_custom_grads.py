@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import lm.models.attention as attention_lib
+from lm.models import custom_grads
 from lm.models.attention import Attention, _qkv_product
 from lm.models.config import ModelConfig
 from lm.models.custom_grads import gelu_tanh
@@ -258,3 +259,38 @@ def test_add_bias_gradient_is_the_exact_token_sum_in_bf16(bias_shape):
     assert db.dtype == jnp.bfloat16
     jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=1), static_argnums=2)(y, bias, add_bias))
     assert "dot_general" in jaxpr  # the product with ones (the loss itself has none)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(64, 256), (256, 64)])
+def test_bf16_dense_and_qkv_products_keep_bf16_operands_with_fp32_results(d_in, d_out):
+    """bf16 -> bf16 products run as fp32 GEMMs on upcast copies on XLA:CPU; the dense and
+    fused q/k/v products ask for an fp32 result instead (forward and backward), with the
+    same values: both accumulate in fp32 and round the result once."""
+    rng = np.random.default_rng(d_in)
+    x = jnp.asarray(rng.normal(size=(2, 8, d_in)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(d_in, d_out)) * 0.1, jnp.bfloat16)
+    kernels = [jnp.asarray(rng.normal(size=(d_in, 2, 16)) * 0.1, jnp.bfloat16)
+               for _ in range(3)]
+
+    def loss(x, w, *kernels):
+        y = custom_grads.dense_product(x, w).astype(jnp.float32)
+        qkv = _qkv_product(x, *kernels)
+        return (y ** 2).sum() + sum((o.astype(jnp.float32) ** 3).sum() for o in qkv)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+    text = jax.jit(grad).lower(x, w, *kernels).as_text()
+    dots = re.findall(r"stablehlo.dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> "
+                      r"(tensor<[^>]*>)", text)
+    assert len(dots) == 3 + 7  # dense: 1 forward, 2 backward; q/k/v: 1 forward, 6 backward
+    for a, b, out in dots:
+        assert "bf16" in a and "bf16" in b and "f32" in out, (a, b, out)
+    # the values of plain bf16 products (XLA's fp32 GEMM on the same values, rounded once)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(custom_grads, "mixed_dot", lambda a, b, dims=None: jax.lax.dot_general(
+            a, b, dims or (((a.ndim - 1,), (0,)), ((), ()))))
+        m.setattr(attention_lib, "_einsum", jnp.einsum)
+        want = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, w, *kernels)
+    for g, r in zip(jax.jit(grad)(x, w, *kernels), want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                   rtol=2 ** -7, atol=2e-2 * float(np.abs(r).max()))

@@ -88,7 +88,7 @@ def dot_product_attention(
     if dropout_rate > 0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum(spec_out, probs.astype(values.dtype), values)
+    out = _einsum(spec_out, probs.astype(values.dtype), values)
     if not grouped:  # head-major, then transposed: asked for [B, L, H, K] directly,
         # XLA:CPU computed the product transposed (values copied to [K, S]), a 1.05-1.14x
         # slower validation forward for char_lm:baby (benchmarks/ab.py)
@@ -131,6 +131,7 @@ def _dense(cfg: ModelConfig, features: int | tuple[int, ...], axes: tuple[str, .
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]),
         name=name,
     )
+
 
 
 class Projection(nn.Module):
@@ -182,7 +183,7 @@ def fused_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> list[jnp.ndarray]
 
 @jax.custom_vjp
 def _qkv_product(x_BLD, *kernels_DNK):
-    qkv_BLNK = jnp.einsum("bld,dnk->blnk", x_BLD, jnp.concatenate(kernels_DNK, axis=1))
+    qkv_BLNK = _einsum("bld,dnk->blnk", x_BLD, jnp.concatenate(kernels_DNK, axis=1))
     splits = np.cumsum([kernel.shape[1] for kernel in kernels_DNK])[:-1]
     return tuple(jnp.split(qkv_BLNK, splits, axis=2))
 
@@ -193,10 +194,17 @@ def _qkv_fwd(x_BLD, *kernels_DNK):
 
 def _qkv_bwd(res, grads):
     x_BLD, kernels_DNK = res
-    dx_BLD = sum(jnp.einsum("blnk,dnk->bld", g, w) for g, w in zip(grads, kernels_DNK,
-                                                                   strict=True))
-    dws = [jnp.einsum("bld,blnk->dnk", x_BLD, g) for g in grads]
+    f32 = jnp.float32
+    dx_BLD = sum(jnp.einsum("blnk,dnk->bld", g, w, preferred_element_type=f32)
+                 for g, w in zip(grads, kernels_DNK, strict=True))
+    dws = [_einsum("bld,blnk->dnk", x_BLD, g) for g in grads]
     return (dx_BLD.astype(x_BLD.dtype), *dws)
+
+
+def _einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """einsum accumulated in fp32, in a's dtype (see `custom_grads.mixed_dot`: bf16 ->
+    bf16 products run as fp32 GEMMs on XLA:CPU)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 _qkv_product.defvjp(_qkv_fwd, _qkv_bwd)
