@@ -127,8 +127,8 @@ def mixed_dot(a: jnp.ndarray, b: jnp.ndarray,
     """`lax.dot_general(a, b, dims)` (default: a's last axis with b's first) accumulated in
     fp32 and returned in a's dtype. For bf16 operands XLA:CPU runs a bf16 -> bf16 product
     as an fp32 GEMM on upcast copies, 4-6x slower than the same operands with an fp32
-    result (a [2048, 256] x [256, 1024] product: 4.3-5.3 against 1.0 ms; README,
-    Performance); for fp32 operands nothing changes."""
+    result (a [2048, 256] x [256, 1024] product alone: 4.3-5.3 against 1.0-1.1 ms; the
+    bf16 GPT step 1.22x); for fp32 operands the compiled product is the same."""
     dims = dims or (((a.ndim - 1,), (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
 
