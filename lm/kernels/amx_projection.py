@@ -5,9 +5,11 @@ table gradient xᵀ g accumulated into an fp32 [D, V] sum, g the bf16 logits gra
 without writing the [T, V] logits or gradient to memory; `pack` lays the table out for
 both once per step.
 
-In the bf16 GPT step (vocabulary 50257) XLA's YNNPACK products took 30-40 ms each for g E
-and xᵀ g per 512-token chunk, against ~15 ms for the logits product of the same FLOPs, and
-the logits (103 MB per chunk in fp32) went to memory and back (README, Performance). CPUs
+In the bf16 GPT step (vocabulary 50257) one 512-token chunk's value and gradients took
+119-135 ms through XLA's path and 51-66 ms through the kernels (`benchmarks/cpu_ops.py`,
+ops `bf16_chunk_*`): YNNPACK's xᵀ g alone took ~68 ms where x Eᵀ, the same FLOPs, took
+~14, and the logits (103 MB per chunk in fp32) went to memory and back (README,
+Performance). CPUs
 without AMX, fp32, or shapes off the tiles (T or D not a multiple of 32) keep XLA's path;
 `LM_AMX_KERNELS=0` switches the kernels off.
 """
@@ -54,8 +56,8 @@ def pair_columns(table: jnp.ndarray) -> jnp.ndarray:
 
 
 def pack(table: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(`pair_columns(table)`, `pair_rows(table)`) in one kernel call: XLA's transpose for
-    the first took ~25 ms on GPT-2's table."""
+    """(`pair_columns(table)`, `pair_rows(table)`) in one kernel call: 3.1-3.6 ms for
+    GPT-2's table against XLA's 15.6-18.8 (`benchmarks/cpu_ops.py`, ops `amx_pack_*`)."""
     build.require()
     v, d = table.shape
     cols = jax.ShapeDtypeStruct((d // 2, v + (-v % TILE)), jnp.uint32)

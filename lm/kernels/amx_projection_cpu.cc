@@ -9,15 +9,15 @@
 //   acc[d, v]   += sum_t x[t, d] g[t, v]                          (the table gradient)
 //
 // XLA's path writes the [T, V] fp32 logits (a GPT-2 chunk: 103 MB) and the bf16 gradient
-// to memory and reads them back, and its YNNPACK products ran g E and xᵀ g at 30-40 ms each
-// per 512-token chunk (the logits product of the same FLOPs ~15 ms; oneDNN 7-10 ms). Here
+// to memory and reads them back, and YNNPACK's product for xᵀ g took ~68 ms per 512-token
+// chunk where x Eᵀ, the same FLOPs, took ~14 (benchmarks/cpu_ops.py, ops `*_bf16`). Here
 // the vocabulary is walked in blocks of columns that stay in the core's L2 cache: per block
 // the logits are computed with AMX tiles (16 x 16 fp32 accumulators, 2 x 2 of them, 16 x 32
 // bf16 operands, fp32 accumulation), reduced into per-row running max / sum (pass 1), then
 // computed again and turned into the gradient block that feeds both backward products
 // straight from the cache (pass 2).
 //
-// The table arrives packed once per step (in Python): as pairs of columns, cols [D/2, Vp]
+// The table arrives packed once per step (PackImpl, below): as pairs of columns, cols [D/2, Vp]
 // (uint32 words, Vp = V rounded up to 32, zero words past V) for the logits, and as pairs
 // of rows, rows [ceil(V/2), D] (a zero row padding an odd V) for g E. T and D must be
 // multiples of 32.
