@@ -168,10 +168,6 @@ LM_AMX void LogitsBlock(const Chunk& p, int64_t v0, int64_t wp, float* l, int64_
                      2 * p.vp, p.d);
 }
 
-inline int64_t ClampTarget(int32_t t, int64_t v) {  // as XLA's gather clamps
-  return t < 0 ? 0 : (t >= v ? v - 1 : t);
-}
-
 // Pass 1 over one block: each row's running max m and sum s of exp(logit - m), and the
 // target's logit where it falls in the block.
 void StatsBlock(const Chunk& p, int64_t v0, int64_t w, const float* l, int64_t ld, float* m,
@@ -179,24 +175,11 @@ void StatsBlock(const Chunk& p, int64_t v0, int64_t w, const float* l, int64_t l
   for (int64_t t = 0; t < p.t; ++t) {
     if (p.weight[t] == 0.0f) continue;
     const float* row = l + t * ld;
-    vf vm = Splat(-std::numeric_limits<float>::infinity());
-    int64_t j = 0;
-    for (; j + kLanes <= w; j += kLanes) {
-      const vf a = Load(row + j);
-      vm = a > vm ? a : vm;
-    }
-    float bm = HorizontalMax(vm);
-    for (; j < w; ++j) bm = row[j] > bm ? row[j] : bm;
-    const float mx = bm > m[t] ? bm : m[t];
-    const vf vmx = Splat(mx);
-    vf acc = Splat(0.0f);
-    j = 0;
-    for (; j + kLanes <= w; j += kLanes) acc += ExpNonPositive(Load(row + j) - vmx);
-    float sum = HorizontalSum(acc);
-    for (; j < w; ++j) sum += std::exp(row[j] - mx);
+    const float bm = RowMax(row, w), mx = bm > m[t] ? bm : m[t];
+    const float sum = ExpSum(row, w, mx, nullptr);
     s[t] = s[t] * std::exp(m[t] - mx) + sum;  // exp(-inf) = 0 on the first block
     m[t] = mx;
-    const int64_t tg = ClampTarget(p.target[t], p.v);
+    const int64_t tg = Clamp(p.target[t], p.v);
     if (tg >= v0 && tg < v0 + w) target_logit[t] = row[tg - v0];
   }
 }
@@ -218,7 +201,7 @@ void GradRows(const Chunk& p, int64_t v0, int64_t w, int64_t wp, const float* l,
     for (; j + kLanes <= w; j += kLanes) StoreBf16(out + j, ExpNonPositive(Load(row + j) - vm) * vs);
     for (; j < w; ++j) out[j] = ToBf16(std::exp(row[j] - mx[t]) * scale[t]);
     std::fill(out + w, out + wp, uint16_t{0});
-    const int64_t tg = ClampTarget(p.target[t], p.v);
+    const int64_t tg = Clamp(p.target[t], p.v);
     if (tg >= v0 && tg < v0 + w)
       out[tg - v0] = ToBf16(std::exp(row[tg - v0] - mx[t]) * scale[t] - wt);
   }
@@ -411,28 +394,28 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> table,
   return ffi::Error::Success();
 }
 
+// The chunk handlers' common arguments: x, targets, weights and the column pairs.
+auto ChunkBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::U32>>();
+}
+
 }  // namespace
 
 extern "C" int LmAmxReady() { return AmxReady() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAmxChunkStatsBF16, ChunkStatsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
+                              ChunkBinding()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("vocab"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAmxChunkGradsBF16, ChunkGradsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
+                              ChunkBinding()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

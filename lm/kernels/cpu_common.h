@@ -1,14 +1,16 @@
-// Shared pieces of lm's CPU kernels (attention_cpu.cc, cross_entropy_cpu.cc): one
-// register of floats as a GCC/Clang vector, a vectorised exp, horizontal reductions,
-// scratch buffers and a parallel loop over XLA's intra-op thread pool.
+// Shared pieces of lm's CPU kernels (lm/kernels/*_cpu.cc): one register of floats as a
+// GCC/Clang vector, a vectorised exp, horizontal reductions, bf16 rounding, a row's max and
+// sum of exponentials, scratch buffers and a parallel loop over XLA's intra-op thread pool.
 
 #pragma once
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -101,6 +103,55 @@ inline float HorizontalMax(vf v) {
   }
   const float x = a[0] > a[1] ? a[0] : a[1], y = a[2] > a[3] ? a[2] : a[3];
   return x > y ? x : y;
+}
+
+// Softmax pieces shared by the cross-entropy kernels (cross_entropy_cpu.cc,
+// amx_projection_cpu.cc).
+// The row's max (a NaN or an infinite logit makes the exponentials' sum, and
+// so the loss, NaN, as in XLA's path).
+inline float RowMax(const float* x, int64_t v) {
+  vf m = Splat(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= v; j += kLanes) {
+    const vf a = Load(x + j);
+    m = a > m ? a : m;
+  }
+  float mx = HorizontalMax(m);
+  for (; j < v; ++j) mx = x[j] > mx ? x[j] : mx;
+  return mx;
+}
+
+// e = exp(x - max) into `e` (may be null: the sum alone), returns sum(e).
+inline float ExpSum(const float* x, int64_t v, float mx, float* e) {
+  const vf vm = Splat(mx);
+  vf s0 = Splat(0.0f), s1 = Splat(0.0f);
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= v; j += 2 * kLanes) {
+    const vf a = ExpNonPositive(Load(x + j) - vm);
+    const vf b = ExpNonPositive(Load(x + j + kLanes) - vm);
+    if (e) {
+      Store(e + j, a);
+      Store(e + j + kLanes, b);
+    }
+    s0 += a;
+    s1 += b;
+  }
+  for (; j + kLanes <= v; j += kLanes) {
+    const vf a = ExpNonPositive(Load(x + j) - vm);
+    if (e) Store(e + j, a);
+    s0 += a;
+  }
+  float sum = HorizontalSum(s0 + s1);
+  for (; j < v; ++j) {
+    const float a = std::exp(x[j] - mx);
+    if (e) e[j] = a;
+    sum += a;
+  }
+  return sum;
+}
+
+inline int32_t Clamp(int32_t t, int64_t v) {  // as XLA's gather clamps an index
+  return t < 0 ? 0 : (t >= v ? static_cast<int32_t>(v - 1) : t);
 }
 
 struct Tasks {

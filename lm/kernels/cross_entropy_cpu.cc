@@ -20,53 +20,6 @@
 
 namespace {
 
-// Pass 1: the row's max (a NaN or an infinite logit makes the exponentials' sum, and
-// so the loss, NaN, as in XLA's path).
-inline float RowMax(const float* x, int64_t v) {
-  vf m = Splat(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + kLanes <= v; j += kLanes) {
-    const vf a = Load(x + j);
-    m = a > m ? a : m;
-  }
-  float mx = HorizontalMax(m);
-  for (; j < v; ++j) mx = x[j] > mx ? x[j] : mx;
-  return mx;
-}
-
-// Pass 2: e = exp(x - max) into `e` (may be null: the sum alone), returns sum(e).
-inline float ExpSum(const float* x, int64_t v, float mx, float* e) {
-  const vf vm = Splat(mx);
-  vf s0 = Splat(0.0f), s1 = Splat(0.0f);
-  int64_t j = 0;
-  for (; j + 2 * kLanes <= v; j += 2 * kLanes) {
-    const vf a = ExpNonPositive(Load(x + j) - vm);
-    const vf b = ExpNonPositive(Load(x + j + kLanes) - vm);
-    if (e) {
-      Store(e + j, a);
-      Store(e + j + kLanes, b);
-    }
-    s0 += a;
-    s1 += b;
-  }
-  for (; j + kLanes <= v; j += kLanes) {
-    const vf a = ExpNonPositive(Load(x + j) - vm);
-    if (e) Store(e + j, a);
-    s0 += a;
-  }
-  float sum = HorizontalSum(s0 + s1);
-  for (; j < v; ++j) {
-    const float a = std::exp(x[j] - mx);
-    if (e) e[j] = a;
-    sum += a;
-  }
-  return sum;
-}
-
-inline int32_t Clamp(int32_t t, int64_t v) {  // as XLA's gather clamps an index
-  return t < 0 ? 0 : (t >= v ? static_cast<int32_t>(v - 1) : t);
-}
-
 // Pass 3: out = e * (w / sum), then out[t] -= w; fp32 in place (e is out) or to bf16.
 inline void GradF32(float* e, int64_t v, float scale, int32_t t, float w) {
   const vf vs = Splat(scale);
