@@ -288,7 +288,7 @@ def test_bf16_dense_and_qkv_products_keep_bf16_operands_with_fp32_results(d_in, 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(custom_grads, "mixed_dot", lambda a, b, dims=None: jax.lax.dot_general(
             a, b, dims or (((a.ndim - 1,), (0,)), ((), ()))))
-        m.setattr(attention_lib, "_einsum", jnp.einsum)
+        m.setattr(attention_lib, "mixed_einsum", jnp.einsum)
         want = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, w, *kernels)
     for g, r in zip(jax.jit(grad)(x, w, *kernels), want, strict=True):
         assert g.dtype == jnp.bfloat16

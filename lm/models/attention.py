@@ -19,7 +19,7 @@ from flax.core import meta
 from lm.kernels import attention as cpu_kernels
 from lm.models import positions as pos_lib
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import add_bias, on_cpu, softmax
+from lm.models.custom_grads import add_bias, mixed_einsum, on_cpu, softmax
 from lm.models.masks import Mask
 from lm.sharding import constrain
 
@@ -88,7 +88,7 @@ def dot_product_attention(
     if dropout_rate > 0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = _einsum(spec_out, probs.astype(values.dtype), values)
+    out = mixed_einsum(spec_out, probs.astype(values.dtype), values)
     if not grouped:  # head-major, then transposed: asked for [B, L, H, K] directly,
         # XLA:CPU computed the product transposed (values copied to [K, S]), a 1.05-1.14x
         # slower validation forward for char_lm:baby (benchmarks/ab.py)
@@ -131,7 +131,6 @@ def _dense(cfg: ModelConfig, features: int | tuple[int, ...], axes: tuple[str, .
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]),
         name=name,
     )
-
 
 
 class Projection(nn.Module):
@@ -183,7 +182,7 @@ def fused_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> list[jnp.ndarray]
 
 @jax.custom_vjp
 def _qkv_product(x_BLD, *kernels_DNK):
-    qkv_BLNK = _einsum("bld,dnk->blnk", x_BLD, jnp.concatenate(kernels_DNK, axis=1))
+    qkv_BLNK = mixed_einsum("bld,dnk->blnk", x_BLD, jnp.concatenate(kernels_DNK, axis=1))
     splits = np.cumsum([kernel.shape[1] for kernel in kernels_DNK])[:-1]
     return tuple(jnp.split(qkv_BLNK, splits, axis=2))
 
@@ -197,14 +196,8 @@ def _qkv_bwd(res, grads):
     f32 = jnp.float32
     dx_BLD = sum(jnp.einsum("blnk,dnk->bld", g, w, preferred_element_type=f32)
                  for g, w in zip(grads, kernels_DNK, strict=True))
-    dws = [_einsum("bld,blnk->dnk", x_BLD, g) for g in grads]
+    dws = [mixed_einsum("bld,blnk->dnk", x_BLD, g) for g in grads]
     return (dx_BLD.astype(x_BLD.dtype), *dws)
-
-
-def _einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """einsum accumulated in fp32, in a's dtype (see `custom_grads.mixed_dot`: bf16 ->
-    bf16 products run as fp32 GEMMs on XLA:CPU)."""
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 _qkv_product.defvjp(_qkv_fwd, _qkv_bwd)

@@ -133,6 +133,12 @@ def mixed_dot(a: jnp.ndarray, b: jnp.ndarray,
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
+def mixed_einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """`jnp.einsum(spec, a, b)` accumulated in fp32 and returned in a's dtype (see
+    `mixed_dot`)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
 def _dense_fwd(x, kernel):
     return mixed_dot(x, kernel), (x, kernel)
 
