@@ -17,9 +17,10 @@ import numpy as np
 from flax.core import meta
 
 from lm.kernels import attention as cpu_kernels
+from lm.models import custom_grads
 from lm.models import positions as pos_lib
 from lm.models.config import ModelConfig
-from lm.models.custom_grads import add_bias, mixed_einsum, on_cpu, softmax
+from lm.models.custom_grads import add_bias, dense_product, mixed_einsum, on_cpu, softmax
 from lm.models.masks import Mask
 from lm.sharding import constrain
 
@@ -134,9 +135,10 @@ def _dense(cfg: ModelConfig, features: int | tuple[int, ...], axes: tuple[str, .
 
 
 class Projection(nn.Module):
-    """The parameters of `_dense(cfg, features, axes, ...)` (kernel [D, *features], bias
-    [*features]; same names, shapes, partitioning and initial values) without applying
-    them, so the query, key and value projections can run as one product."""
+    """The parameters of `_dense(cfg, features, axes, ...)` (kernel [*in_shape, *features],
+    bias [*features]; same names, shapes, partitioning and initial values) without
+    applying them, so the layer can run its own products (the query, key and value
+    projections as one; the output projection as one 2-D product)."""
 
     cfg: ModelConfig
     features: tuple[int, ...]
@@ -144,8 +146,9 @@ class Projection(nn.Module):
     init_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, in_features: int):
+    def __call__(self, in_shape: int | tuple[int, ...]):
         cfg, n = self.cfg, len(self.features)
+        in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
 
         def flat_init(init, flat_shape):
             def wrapped(rng, shape, dtype=jnp.float32):  # as DenseGeneral: init flat, reshape
@@ -156,13 +159,25 @@ class Projection(nn.Module):
         size = int(np.prod(self.features))
         kernel = self.param("kernel", flat_init(nn.with_logical_partitioning(
             nn.initializers.normal(cfg.init_std * self.init_scale), self.axes),
-            (in_features, size)), (in_features, *self.features), cfg.params_dtype)
+            (int(np.prod(in_shape)), size)), (*in_shape, *self.features), cfg.params_dtype)
         bias = None
         if cfg.use_bias:
             bias = self.param("bias", flat_init(nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), self.axes[-n:]), (size,)),
                 self.features, cfg.params_dtype)
         return kernel, bias
+
+
+def out_projection(cfg: ModelConfig, x_BLHK: jnp.ndarray, kernel_HKD, bias_D) -> jnp.ndarray:
+    """The attention's output projection [B, L, H, K] x [H, K, D] as one [N, H K] x
+    [H K, D] product (`dense_product`, CPU). Through DenseGeneral's two contracted axes
+    XLA:CPU copied the kernel and the gradients transposed around every product
+    (`char_lm:baby`: 8 of its 39 transposed copies)."""
+    dtype = cfg.compute_dtype
+    b, length, h, k = x_BLHK.shape
+    kernel = jnp.asarray(kernel_HKD, dtype).reshape(h * k, -1)
+    y = dense_product(x_BLHK.astype(dtype).reshape(b, length, h * k), kernel)
+    return y if bias_D is None else add_bias(y, jnp.asarray(bias_D, dtype))
 
 
 def fused_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> list[jnp.ndarray]:
@@ -182,9 +197,16 @@ def fused_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> list[jnp.ndarray]
 
 @jax.custom_vjp
 def _qkv_product(x_BLD, *kernels_DNK):
-    qkv_BLNK = mixed_einsum("bld,dnk->blnk", x_BLD, jnp.concatenate(kernels_DNK, axis=1))
-    splits = np.cumsum([kernel.shape[1] for kernel in kernels_DNK])[:-1]
-    return tuple(jnp.split(qkv_BLNK, splits, axis=2))
+    """The products as 2-D ones ([N, D] x [D, C], C = N K of a kernel): written over the
+    [B, L, N, K] axes, XLA:CPU's layout assignment copied every kernel and every
+    cotangent transposed to [.., K, N] for the backward products (`char_lm:baby`: 24 of
+    its 39 transposed copies)."""
+    x_ND = x_BLD.reshape(-1, x_BLD.shape[-1])
+    flat = [w.reshape(w.shape[0], -1) for w in kernels_DNK]
+    qkv_NC = custom_grads.mixed_dot(x_ND, jnp.concatenate(flat, axis=1))
+    parts = jnp.split(qkv_NC, np.cumsum([w.shape[1] for w in flat])[:-1], axis=1)
+    return tuple(p.reshape(*x_BLD.shape[:-1], *w.shape[1:])
+                 for p, w in zip(parts, kernels_DNK, strict=True))
 
 
 def _qkv_fwd(x_BLD, *kernels_DNK):
@@ -193,11 +215,15 @@ def _qkv_fwd(x_BLD, *kernels_DNK):
 
 def _qkv_bwd(res, grads):
     x_BLD, kernels_DNK = res
-    f32 = jnp.float32
-    dx_BLD = sum(jnp.einsum("blnk,dnk->bld", g, w, preferred_element_type=f32)
-                 for g, w in zip(grads, kernels_DNK, strict=True))
-    dws = [mixed_einsum("bld,blnk->dnk", x_BLD, g) for g in grads]
-    return (dx_BLD.astype(x_BLD.dtype), *dws)
+    x_ND = x_BLD.reshape(-1, x_BLD.shape[-1])
+    gs = [g.reshape(x_ND.shape[0], -1) for g in grads]
+    ws = [w.reshape(w.shape[0], -1) for w in kernels_DNK]
+    nt, tn = (((1,), (1,)), ((), ())), (((0,), (0,)), ((), ()))
+    dx_ND = sum(jax.lax.dot_general(g, w, nt, preferred_element_type=jnp.float32)
+                for g, w in zip(gs, ws, strict=True))
+    dws = [custom_grads.mixed_dot(x_ND, g, tn).reshape(w.shape)
+           for g, w in zip(gs, kernels_DNK, strict=True)]
+    return (dx_ND.reshape(x_BLD.shape).astype(x_BLD.dtype), *dws)
 
 
 _qkv_product.defvjp(_qkv_fwd, _qkv_bwd)
@@ -245,8 +271,13 @@ class Attention(nn.Module):
         # (through the reference path) under intermediates/.../attention_probs.
         return_probs = self.is_mutable_collection("intermediates")
         scale = None if cfg.scale_attention else 1.0
-        out = _dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", in_axis=(-2, -1),
-                     init_scale=self.out_init_scale)
+        if on_cpu():
+            out_params = Projection(cfg, (cfg.d_model,), ("heads", "kv", "embed"),
+                                    self.out_init_scale, name="out")((h, k))
+            out = lambda x_BLHK: out_projection(cfg, x_BLHK, *out_params)  # noqa: E731
+        else:
+            out = _dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", in_axis=(-2, -1),
+                         init_scale=self.out_init_scale)
         if self.decode and not self.cross:
             cache = self._update_cache(k_BSGK, v_BSGK)  # None at init (shapes only)
             if cache is not None and q_BLHK.shape[1] == 1 and not return_probs:
