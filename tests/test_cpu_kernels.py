@@ -91,6 +91,35 @@ def test_kernel_matches_the_einsum_path(kind, length, heads, kv_heads, k):
     np.testing.assert_allclose(train_out, out, rtol=1e-6, atol=1e-7)
 
 
+
+@pytest.mark.parametrize("kind,length,heads,kv_heads,k", CASES)
+def test_packed_kernel_equals_the_kernel_on_the_three_parts(kind, length, heads, kv_heads, k):
+    """Self-attention read in place from the packed projection [B, L, H + 2G, K]: the
+    separate kernel's outputs exactly (same arithmetic), and a gradient that is the three
+    parts' gradients side by side in the packed layout."""
+    b = 2
+    qkv = _normal(7, (b, length, heads + 2 * kv_heads, k))
+    split = (heads, heads + kv_heads)
+    mask = _mask(kind, b, length)
+    allowed = jnp.ones((b, length, length), bool) if mask is None else mask.allowed()[:, 0]
+    weights = _normal(9, (b, length, heads, k))
+    scale = k ** -0.5
+
+    def packed(x):
+        return kernel.attention_packed(x, allowed, scale, heads)
+
+    def separate(x):
+        q, key, v = jnp.split(x, split, axis=2)
+        return kernel.attention(q, key, v, allowed, scale)
+
+    assert kernel.packed_usable(jnp.float32) and not kernel.packed_usable(jnp.bfloat16)
+    np.testing.assert_array_equal(jax.jit(packed)(qkv), jax.jit(separate)(qkv))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(packed(x) * weights)))(qkv)
+    ref = jax.jit(jax.grad(lambda x: jnp.sum(separate(x) * weights)))(qkv)
+    np.testing.assert_array_equal(grad, ref)
+    train_out, _ = jax.vjp(jax.jit(packed), qkv)  # probabilities saved: the same values
+    np.testing.assert_array_equal(train_out, jax.jit(packed)(qkv))
+
 def test_rows_without_an_allowed_key_are_zero_and_carry_no_gradient():
     b, length, h, k = 1, 16, 2, 16
     q, key, v = (_normal(i, (b, length, h, k)) for i in range(3))

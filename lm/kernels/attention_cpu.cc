@@ -3,8 +3,11 @@
 // (training / no gradient), and its backward pass.
 //
 // Layouts are the model's own: q [B, L, H, K], k and v [B, S, G, K] (G key/value heads,
-// H = R * G query heads), the mask a bool table [B, L, S], the probabilities [B, H, L, S]
-// (saved for the backward pass), the output [B, L, H, K]. One task per (row, head) in
+// H = R * G query heads), or for self-attention the packed projection [B, L, H + 2G, K]
+// (q, k, v heads side by side, as one product computes them; the `Packed` handlers read
+// it in place and write its gradient in the same layout, so neither side is sliced or
+// concatenated); the mask a bool table [B, L, S], the probabilities [B, H, L, S] (saved
+// for the backward pass), the output [B, L, H, K]. One task per (row, head) in
 // the forward pass and per (row, key/value head) in the backward pass (so the R query
 // heads that share a key/value head accumulate its gradient without races), spread over
 // XLA's intra-op thread pool. Each task copies its head into small contiguous tiles and
@@ -20,16 +23,41 @@ struct Dims {
   int64_t b, l, s, h, g, k;
 };
 
+// Where each head's row lies: q heads at ((b L + i) qc + qo + h) K, key and value heads at
+// ((b S + s) kc + ko + g) K and ((b S + s) vc + vo + g) K. Separate arrays: qc = H, kc =
+// vc = G, offsets 0; the packed projection [B, L, H + 2G, K]: qc = kc = vc = H + 2G, qo = 0,
+// ko = H, vo = H + G. Gradients are written in the layout of their inputs.
+struct Layout {
+  int64_t qc, qo, kc, ko, vc, vo;
+  int64_t Q(const Dims& d, int64_t b, int64_t i, int64_t h) const {
+    return ((b * d.l + i) * qc + qo + h) * d.k;
+  }
+  int64_t K(const Dims& d, int64_t b, int64_t s, int64_t g) const {
+    return ((b * d.s + s) * kc + ko + g) * d.k;
+  }
+  int64_t V(const Dims& d, int64_t b, int64_t s, int64_t g) const {
+    return ((b * d.s + s) * vc + vo + g) * d.k;
+  }
+};
+
+Layout Separate(const Dims& d) { return {d.h, 0, d.g, 0, d.g, 0}; }
+
+Layout Packed(const Dims& d) {
+  const int64_t c = d.h + 2 * d.g;
+  return {c, 0, c, d.h, c, d.h + d.g};
+}
+
 inline int64_t RoundUp(int64_t x) { return (x + kLanes - 1) / kLanes * kLanes; }
 
 constexpr int kRows = 4;  // query rows per block: 4 x 2 vector accumulators in registers
 
 // One key/value head packed into a [rows_p, cols_p] tile, zero-padded: `transposed`
-// puts a key's features down a column (tile[c][s]), else along a row (tile[s][c]).
-void PackHead(const Dims& d, const float* X, int64_t b, int64_t g, bool transposed,
-              float* tile, int64_t sp, int64_t kp) {
+// puts a key's features down a column (tile[c][s]), else along a row (tile[s][c]). Key
+// s of the head starts at X + stride * s (X: the head's first key).
+void PackHead(const Dims& d, const float* X, int64_t stride, bool transposed, float* tile,
+              int64_t sp, int64_t kp) {
   for (int64_t s = 0; s < d.s; ++s) {
-    const float* xs = X + ((b * d.s + s) * d.g + g) * d.k;
+    const float* xs = X + stride * s;
     if (transposed) {
       for (int64_t c = 0; c < d.k; ++c) tile[c * sp + s] = xs[c];
     } else {
@@ -207,12 +235,9 @@ inline float Dot(const float* x, const float* y, int64_t lo, int64_t hi) {
 }
 
 // The forward pass; the probabilities are written to P unless it is null (no gradient).
-void Forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
-             ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& allowed, float scale, float* O,
-             float* P) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  const Dims d{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
-  const float* Q = q.typed_data();
+void Forward(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, const float* Q,
+             const float* K, const float* V, ffi::Buffer<ffi::PRED>& allowed, float scale,
+             float* O, float* P) {
   const uint8_t* A = reinterpret_cast<const uint8_t*>(allowed.typed_data());
   const int64_t r = d.h / d.g, sp = RoundUp(d.s), kp = RoundUp(d.k);
   const std::vector<int32_t> ranges = AllowedRanges(d, A);
@@ -224,13 +249,13 @@ void Forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F
     float* p = Scratch(3, kRows * sp);
     float* o = Scratch(4, kRows * kp);
     uint8_t* mask = reinterpret_cast<uint8_t*>(Scratch(5, kRows * sp / 4));  // bytes
-    PackHead(d, k.typed_data(), b, h / r, true, kt, sp, kp);
-    PackHead(d, v.typed_data(), b, h / r, false, vv, sp, kp);
+    PackHead(d, K + lay.K(d, b, 0, h / r), lay.kc * d.k, true, kt, sp, kp);
+    PackHead(d, V + lay.V(d, b, 0, h / r), lay.vc * d.k, false, vv, sp, kp);
     std::fill(qs, qs + kRows * kp, 0.0f);
     for (int64_t i0 = 0; i0 < d.l; i0 += kRows) {
       const RowBlock blk(d, A, ranges.data(), b, i0, sp, mask);
       for (int64_t j = 0; j < blk.rows; ++j) {
-        const float* qj = Q + ((b * d.l + i0 + j) * d.h + h) * d.k;
+        const float* qj = Q + lay.Q(d, b, i0 + j, h);
         for (int64_t c = 0; c < d.k; ++c) qs[j * kp + c] = qj[c] * scale;
       }
       std::fill(qs + blk.rows * kp, qs + kRows * kp, 0.0f);
@@ -256,34 +281,58 @@ void Forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F
   });
 }
 
+Dims SeparateDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  return {qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
+}
+
+// qkv [B, L, H + 2G, K] with H = `heads` query heads (self-attention: S = L).
+Dims PackedDims(ffi::Buffer<ffi::F32>& qkv, int64_t heads) {
+  auto x = qkv.dimensions();
+  return {x[0], x[1], x[1], heads, (x[2] - heads) / 2, x[3]};
+}
+
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> allowed, float scale,
                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probs) {
-  Forward(pool, q, k, v, allowed, scale, out->typed_data(), probs->typed_data());
+  const Dims d = SeparateDims(q, k);
+  Forward(pool, d, Separate(d), q.typed_data(), k.typed_data(), v.typed_data(), allowed, scale,
+          out->typed_data(), probs->typed_data());
   return ffi::Error::Success();
 }
 
 ffi::Error InferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> allowed, float scale,
                          ffi::ResultBuffer<ffi::F32> out) {
-  Forward(pool, q, k, v, allowed, scale, out->typed_data(), nullptr);
+  const Dims d = SeparateDims(q, k);
+  Forward(pool, d, Separate(d), q.typed_data(), k.typed_data(), v.typed_data(), allowed, scale,
+          out->typed_data(), nullptr);
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> allowed,
-                        ffi::Buffer<ffi::F32> probs, ffi::Buffer<ffi::F32> dout, float scale,
-                        ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                        ffi::ResultBuffer<ffi::F32> dv) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  const Dims d{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
-  const float* Q = q.typed_data();
+ffi::Error PackedForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                             ffi::Buffer<ffi::PRED> allowed, float scale, int64_t heads,
+                             ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probs) {
+  const Dims d = PackedDims(qkv, heads);
+  const float* x = qkv.typed_data();
+  Forward(pool, d, Packed(d), x, x, x, allowed, scale, out->typed_data(), probs->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error PackedInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                               ffi::Buffer<ffi::PRED> allowed, float scale, int64_t heads,
+                               ffi::ResultBuffer<ffi::F32> out) {
+  const Dims d = PackedDims(qkv, heads);
+  const float* x = qkv.typed_data();
+  Forward(pool, d, Packed(d), x, x, x, allowed, scale, out->typed_data(), nullptr);
+  return ffi::Error::Success();
+}
+
+// The gradients of q, k and v, written in `lay` like their inputs (every element once).
+void Backward(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, const float* Q,
+              const float* K, const float* V, ffi::Buffer<ffi::PRED>& allowed, const float* P,
+              const float* DO, float scale, float* DQ, float* DK, float* DV) {
   const uint8_t* A = reinterpret_cast<const uint8_t*>(allowed.typed_data());
-  const float* P = probs.typed_data();
-  const float* DO = dout.typed_data();
-  float* DQ = dq->typed_data();
-  float* DK = dk->typed_data();
-  float* DV = dv->typed_data();
   const int64_t r = d.h / d.g, sp = RoundUp(d.s), kp = RoundUp(d.k);
   const std::vector<int32_t> ranges = AllowedRanges(d, A);
   ParallelFor(pool, d.b * d.g, [&](int64_t task) {
@@ -298,8 +347,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     float* ds = Scratch(7, kRows * sp);
     float* dqs = Scratch(8, kRows * kp);
     uint8_t* mask = reinterpret_cast<uint8_t*>(Scratch(9, kRows * sp / 4));  // bytes
-    PackHead(d, v.typed_data(), b, g, true, vt, sp, kp);
-    PackHead(d, k.typed_data(), b, g, false, kk, sp, kp);
+    PackHead(d, V + lay.V(d, b, 0, g), lay.vc * d.k, true, vt, sp, kp);
+    PackHead(d, K + lay.K(d, b, 0, g), lay.kc * d.k, false, kk, sp, kp);
     std::fill(dk_acc, dk_acc + sp * kp, 0.0f);
     std::fill(dv_acc, dv_acc + sp * kp, 0.0f);
     std::fill(qs, qs + kRows * kp, 0.0f);  // the feature padding [K, kp) stays zero
@@ -310,10 +359,10 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
         if (blk.lo < blk.hi) {
           const int64_t hi_s = std::max(blk.lo, std::min(blk.hi, d.s));
           for (int64_t j = 0; j < kRows; ++j) {
-            const int64_t row = (b * d.l + i0 + j) * d.h + h;
+            const int64_t row = (b * d.l + i0 + j) * d.h + h;  // of dout [B, L, H, K]
             const bool real = j < blk.rows;
             if (real) {
-              std::memcpy(qs + j * kp, Q + row * d.k, d.k * sizeof(float));
+              std::memcpy(qs + j * kp, Q + lay.Q(d, b, i0 + j, h), d.k * sizeof(float));
               std::memcpy(dos + j * kp, DO + row * d.k, d.k * sizeof(float));
             } else {
               std::fill(qs + j * kp, qs + (j + 1) * kp, 0.0f);
@@ -341,15 +390,37 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
           std::fill(dqs, dqs + kRows * kp, 0.0f);
         }
         for (int64_t j = 0; j < blk.rows; ++j)
-          std::memcpy(DQ + ((b * d.l + i0 + j) * d.h + h) * d.k, dqs + j * kp,
-                      d.k * sizeof(float));
+          std::memcpy(DQ + lay.Q(d, b, i0 + j, h), dqs + j * kp, d.k * sizeof(float));
       }
     }
     for (int64_t s = 0; s < d.s; ++s) {
-      std::memcpy(DK + ((b * d.s + s) * d.g + g) * d.k, dk_acc + s * kp, d.k * sizeof(float));
-      std::memcpy(DV + ((b * d.s + s) * d.g + g) * d.k, dv_acc + s * kp, d.k * sizeof(float));
+      std::memcpy(DK + lay.K(d, b, s, g), dk_acc + s * kp, d.k * sizeof(float));
+      std::memcpy(DV + lay.V(d, b, s, g), dv_acc + s * kp, d.k * sizeof(float));
     }
   });
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> allowed,
+                        ffi::Buffer<ffi::F32> probs, ffi::Buffer<ffi::F32> dout, float scale,
+                        ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv) {
+  const Dims d = SeparateDims(q, k);
+  Backward(pool, d, Separate(d), q.typed_data(), k.typed_data(), v.typed_data(), allowed,
+           probs.typed_data(), dout.typed_data(), scale, dq->typed_data(), dk->typed_data(),
+           dv->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error PackedBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                              ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::F32> probs,
+                              ffi::Buffer<ffi::F32> dout, float scale, int64_t heads,
+                              ffi::ResultBuffer<ffi::F32> dqkv) {
+  const Dims d = PackedDims(qkv, heads);
+  const float* x = qkv.typed_data();
+  float* dx = dqkv->typed_data();
+  Backward(pool, d, Packed(d), x, x, x, allowed, probs.typed_data(), dout.typed_data(), scale,
+           dx, dx, dx);
   return ffi::Error::Success();
 }
 
@@ -388,4 +459,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionBackward, BackwardImpl,
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionPackedForward, PackedForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("heads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionPackedInference, PackedInferenceImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("heads")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionPackedBackward, PackedBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("heads")
                                   .Ret<ffi::Buffer<ffi::F32>>());

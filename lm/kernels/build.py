@@ -33,6 +33,9 @@ _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
 TARGETS = {
     "lm_attention_fwd": "LmAttentionForward", "lm_attention_bwd": "LmAttentionBackward",
     "lm_attention_inference": "LmAttentionInference",
+    "lm_attention_packed_fwd": "LmAttentionPackedForward",
+    "lm_attention_packed_bwd": "LmAttentionPackedBackward",
+    "lm_attention_packed_inference": "LmAttentionPackedInference",
     "lm_cross_entropy_stats": "LmCrossEntropyStats",
     "lm_cross_entropy_grad_f32": "LmCrossEntropyGradF32",
     "lm_cross_entropy_grad_bf16": "LmCrossEntropyGradBF16",

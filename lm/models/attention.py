@@ -180,6 +180,20 @@ def out_projection(cfg: ModelConfig, x_BLHK: jnp.ndarray, kernel_HKD, bias_D) ->
     return y if bias_D is None else add_bias(y, jnp.asarray(bias_D, dtype))
 
 
+def packed_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> jnp.ndarray:
+    """The query, key and value projections as one product into the packed layout [B, L,
+    H + 2G, K] that `cpu_kernels.attention_packed` reads in place; its backward pass is
+    the two products of `dense_product` on the one packed cotangent (the kernels'
+    gradients are slices of one [D, (H + 2G) K] product)."""
+    dtype = cfg.compute_dtype
+    kernels = [jnp.asarray(kernel, dtype) for kernel, _ in params]
+    w_DC = jnp.concatenate([w.reshape(w.shape[0], -1) for w in kernels], axis=1)
+    y = dense_product(x_BLD.astype(dtype), w_DC)
+    if params[0][1] is not None:
+        y = add_bias(y, jnp.concatenate([jnp.asarray(b, dtype).reshape(-1) for _, b in params]))
+    return y.reshape(*x_BLD.shape[:-1], -1, kernels[0].shape[-1])
+
+
 def fused_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> list[jnp.ndarray]:
     """The query, key and value projections of self-attention in the compute dtype:
     forward as one product with the kernels concatenated over heads ([D, H + 2G, K]),
@@ -252,21 +266,6 @@ class Attention(nn.Module):
         # Without run-time scaling (T5) the query init carries the 1/sqrt(K).
         q_scale = 1.0 if cfg.scale_attention else k**-0.5
         axes = ("embed", "heads", "kv")
-        if kv_BSD is None and on_cpu():
-            params = [Projection(cfg, (n, k), axes, s, name=name)(x_BLD.shape[-1])
-                      for n, s, name in ((h, q_scale, "query"), (g, 1.0, "key"),
-                                         (g, 1.0, "value"))]
-            q_BLHK, k_BSGK, v_BSGK = fused_qkv(cfg, x_BLD, params)
-        else:
-            q_BLHK = _dense(cfg, (h, k), axes, "query", init_scale=q_scale)(x_BLD)
-            source = x_BLD if kv_BSD is None else kv_BSD
-            k_BSGK = _dense(cfg, (g, k), axes, "key")(source)
-            v_BSGK = _dense(cfg, (g, k), axes, "value")(source)
-        if cfg.position == "rope" and not self.cross and mask is not None:
-            q_BLHK = pos_lib.apply_rope(q_BLHK, mask.q_positions, cfg.rope_theta)
-            k_BSGK = pos_lib.apply_rope(k_BSGK, mask.q_positions, cfg.rope_theta)
-        q_BLHK = constrain(q_BLHK, ("batch", "length", "act_heads", "act_kv"))
-
         # Inspection: apply(..., mutable=['intermediates']) records the probabilities
         # (through the reference path) under intermediates/.../attention_probs.
         return_probs = self.is_mutable_collection("intermediates")
@@ -278,6 +277,31 @@ class Attention(nn.Module):
         else:
             out = _dense(cfg, cfg.d_model, ("heads", "kv", "embed"), "out", in_axis=(-2, -1),
                          init_scale=self.out_init_scale)
+        if kv_BSD is None and on_cpu():
+            params = [Projection(cfg, (n, k), axes, s, name=name)(x_BLD.shape[-1])
+                      for n, s, name in ((h, q_scale, "query"), (g, 1.0, "key"),
+                                         (g, 1.0, "value"))]
+            dropout = not deterministic and cfg.attention_dropout_rate > 0
+            if (not self.decode and bias_BHLS is None and not return_probs and not dropout
+                    and cfg.attention_impl == "einsum" and cfg.position != "rope"
+                    and cpu_kernels.packed_usable(cfg.compute_dtype)):
+                qkv_BLCK = constrain(packed_qkv(cfg, x_BLD, params),
+                                     ("batch", "length", None, "act_kv"))
+                b, length = x_BLD.shape[:2]
+                allowed = (jnp.ones((b, length, length), bool) if mask is None
+                           else mask.allowed()[:, 0])
+                return out(cpu_kernels.attention_packed(
+                    qkv_BLCK, allowed, k**-0.5 if scale is None else scale, h))
+            q_BLHK, k_BSGK, v_BSGK = fused_qkv(cfg, x_BLD, params)
+        else:
+            q_BLHK = _dense(cfg, (h, k), axes, "query", init_scale=q_scale)(x_BLD)
+            source = x_BLD if kv_BSD is None else kv_BSD
+            k_BSGK = _dense(cfg, (g, k), axes, "key")(source)
+            v_BSGK = _dense(cfg, (g, k), axes, "value")(source)
+        if cfg.position == "rope" and not self.cross and mask is not None:
+            q_BLHK = pos_lib.apply_rope(q_BLHK, mask.q_positions, cfg.rope_theta)
+            k_BSGK = pos_lib.apply_rope(k_BSGK, mask.q_positions, cfg.rope_theta)
+        q_BLHK = constrain(q_BLHK, ("batch", "length", "act_heads", "act_kv"))
         if self.decode and not self.cross:
             cache = self._update_cache(k_BSGK, v_BSGK)  # None at init (shapes only)
             if cache is not None and q_BLHK.shape[1] == 1 and not return_probs:
