@@ -4,6 +4,7 @@ parameters as the modules they stand in for."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -294,3 +295,41 @@ def test_bf16_dense_and_qkv_products_keep_bf16_operands_with_fp32_results(d_in, 
         assert g.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
                                    rtol=2 ** -7, atol=2e-2 * float(np.abs(r).max()))
+
+
+@pytest.mark.parametrize("with_bias,dtype", [(True, jnp.float32), (False, jnp.float32),
+                                             (True, jnp.bfloat16)])
+def test_layer_norm_matches_autodiff(with_bias, dtype):
+    """The closed-form LayerNorm backward equals autodiff of the textbook forward (inputs
+    far from zero mean and unit variance, so every term of the formula matters); the
+    input gradient keeps the input's dtype."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(3, 5, 16)) * 3.0 + 1.5, dtype)
+    scale = jnp.asarray(rng.normal(size=16), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=16), jnp.float32) if with_bias else None
+    w = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
+
+    def textbook(x, scale, bias):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale
+        return y if bias is None else y + bias
+
+    def loss(fn):
+        return lambda x, scale, bias: jnp.sum(fn(x, scale, bias) * w)
+
+    ours = functools.partial(custom_grads.layer_norm, eps=1e-5)
+    np.testing.assert_allclose(ours(x, scale, bias), textbook(x, scale, bias), rtol=1e-5,
+                               atol=1e-5)
+    argnums = (0, 1, 2) if with_bias else (0, 1)
+    got = jax.grad(loss(ours), argnums)(x, scale, bias)
+    want = jax.grad(loss(textbook), argnums)(x, scale, bias)
+    assert got[0].dtype == dtype
+    for g, r in zip(got, want, strict=True):
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                   rtol=tol, atol=tol)
+    _, vjp = jax.vjp(ours, x, scale, bias)  # residuals: y [.., D], rstd [.., 1], params
+    assert sorted(r.size for r in jax.tree.leaves(vjp)) == sorted(
+        [x.size, x.size // 16, 16] + ([16] if with_bias else []))

@@ -234,3 +234,43 @@ def _tied_bwd(res, g):
 
 
 tied_product.defvjp(_tied_fwd, _tied_bwd)
+
+
+def layer_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray | None,
+               eps: float) -> jnp.ndarray:
+    """LayerNorm over the last axis in fp32, (x - mean) / sqrt(var + eps) * scale [+ bias],
+    whose backward pass is the closed form rstd (gy - mean(gy) - y mean(gy y)), gy = g
+    scale, from two residuals (y and rstd)."""
+    return _layer_norm(x, scale, bias, eps, jnp.dtype(x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps, x_dtype):
+    y, _ = _normalize(x, eps)
+    return y * scale if bias is None else y * scale + bias
+
+
+def _normalize(x, eps):
+    x32 = x.astype(jnp.float32)
+    xc = x32 - jnp.mean(x32, -1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(xc * xc, -1, keepdims=True) + eps)
+    return xc * rstd, rstd
+
+
+def _layer_norm_fwd(x, scale, bias, eps, x_dtype):
+    y, rstd = _normalize(x, eps)
+    return (y * scale if bias is None else y * scale + bias), (y, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, x_dtype, res, g):
+    y, rstd, scale, bias = res
+    g = g.astype(jnp.float32)
+    gy = g * scale
+    dx = rstd * (gy - jnp.mean(gy, -1, keepdims=True) - y * jnp.mean(gy * y, -1, keepdims=True))
+    rows = tuple(range(g.ndim - 1))
+    dscale = jnp.sum(g * y, rows).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(g, rows).astype(bias.dtype)
+    return dx.astype(x_dtype), dscale, dbias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
