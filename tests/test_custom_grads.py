@@ -262,6 +262,26 @@ def test_add_bias_gradient_is_the_exact_token_sum_in_bf16(bias_shape):
     assert "dot_general" in jaxpr  # the product with ones (the loss itself has none)
 
 
+@pytest.mark.parametrize("width", [16384, 16385])
+def test_wide_fp32_bias_gradient_is_a_product_with_ones(width):
+    """In fp32 only biases wider than `_WIDE_BIAS` (an output bias over a vocabulary) take
+    the product with ones; narrower ones keep XLA's sum. Either way the gradient is the
+    token sum (within fp32 rounding of a 40-term sum)."""
+    from lm.models.custom_grads import _WIDE_BIAS, add_bias
+
+    assert _WIDE_BIAS == 16384
+    y, bias, weights = _normal(0, (5, 8, width)), _normal(1, (width,)), _normal(2, (5, 8, width))
+
+    def loss(y, b):
+        return jnp.sum(add_bias(y, b) * weights)
+
+    db = jax.grad(loss, argnums=1)(y, bias)
+    np.testing.assert_allclose(db, np.asarray(weights, np.float64).sum((0, 1)), rtol=1e-5,
+                               atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=1))(y, bias))
+    assert ("dot_general" in jaxpr) == (width > _WIDE_BIAS)
+
+
 @pytest.mark.parametrize("d_in,d_out", [(64, 256), (256, 64)])
 def test_bf16_dense_and_qkv_products_keep_bf16_operands_with_fp32_results(d_in, d_out):
     """bf16 -> bf16 products run as fp32 GEMMs on upcast copies on XLA:CPU; the dense and

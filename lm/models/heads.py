@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lm.models.config import ModelConfig
+from lm.models.custom_grads import add_bias
 from lm.models.layers import Dense, Norm, activation, tied_logits
 from lm.models.transformer import Decoder, Encoder
 
@@ -34,7 +35,8 @@ class MLMHead(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                ("vocab",)),
                           (cfg.vocab_size,), cfg.params_dtype)
-        return tied_logits(h_BPD, embedding_VD, cfg.compute_dtype) + bias
+        logits = tied_logits(h_BPD, embedding_VD, cfg.compute_dtype)  # fp32
+        return add_bias(logits, jnp.asarray(bias, logits.dtype))
 
 
 class Pooler(nn.Module):
