@@ -545,6 +545,14 @@ def test_materialize_grad_is_an_exact_identity_in_both_directions():
     # The barrier itself: the backward pass multiplies the cotangent by an identity.
     bwd = str(jax.make_jaxpr(jax.grad(lambda x: materialize_grad(x).sum()))(x))
     assert "dot_general" in bwd
+    # An infinite cotangent becomes the largest finite value (the clamp that keeps the
+    # product out of YNNPACK's fusions) instead of turning its column's other rows of
+    # the identity product into NaN (0 * inf).
+    c = jnp.ones_like(x).at[0, 0, 0].set(jnp.inf)
+    dx = jax.jit(jax.grad(lambda x: jnp.sum(materialize_grad(x) * c)))(x)
+    want = np.ones(x.shape, np.float32)
+    want[0, 0, 0] = np.finfo(np.float32).max
+    np.testing.assert_array_equal(dx, want)
 
 
 def test_gelu_matches_exact_gelu_and_its_gradient():

@@ -25,7 +25,13 @@ def materialize_grad(x: jnp.ndarray) -> jnp.ndarray:
     GEMM: O(layers^2) work, ~40 % of a small model's step. A product with an identity
     is exact and cannot be fused through, so the gradient is computed once per sublayer.
     The cotangent is viewed as [8, N / 8] and multiplied by an 8 x 8 identity: 16 FLOPs
-    per element, whatever the width (a [D, D] identity would cost 2 * D per element)."""
+    per element, whatever the width (a [D, D] identity would cost 2 * D per element).
+
+    The cotangent is clamped to the finite range first (`keep_out_of_dot_fusion`, never
+    binds): YNNPACK otherwise fused the identity product with the product and residual
+    add that produce the cotangent (BERT: 6-8 ms traced per such fusion), and the
+    `char_lm:baby` step ran 1.036x faster without that fusion (BERT 1.002x, GPT 1.008x;
+    `benchmarks/ab.py`, 4 / 3 / 3 rounds)."""
     return x
 
 
@@ -34,6 +40,7 @@ def _materialize_fwd(x):
 
 
 def _materialize_bwd(_, g):
+    g = keep_out_of_dot_fusion(g)
     rows = 8 if g.size % 8 == 0 else 1
     eye = jnp.eye(rows, dtype=g.dtype)
     return (jnp.dot(eye, g.reshape(rows, -1), preferred_element_type=g.dtype).reshape(g.shape),)
