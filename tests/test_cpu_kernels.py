@@ -191,3 +191,31 @@ def test_cross_attention_shapes_match_the_einsum_path():
     for g, r in zip(jax.jit(jax.grad(loss, (0, 1, 2)))(q, key, v),
                     jax.jit(_xla_path(jax.grad(loss, (0, 1, 2))))(q, key, v), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("position,target", [("learned", "lm_attention_packed_fwd"),
+                                             ("rope", "lm_attention_fwd")])
+def test_self_attention_layer_takes_the_packed_kernel_without_rope(position, target):
+    """An fp32 self-attention layer on the CPU runs the packed kernel (RoPE, applied
+    between the projection and the kernel, the separate one); either way its output and
+    parameter gradients equal the XLA path's."""
+    from lm.models.attention import Attention
+    from lm.models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=11, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                      mlp_dim=64, max_len=16, position=position, use_bias=True)
+    x = _normal(0, (2, 16, 32))
+    mask = _mask("packed_causal", 2, 16)
+    module = Attention(cfg)
+    params = module.init(jax.random.key(0), x, mask)
+    weights = _normal(9, (2, 16, 32)) * (mask.q_segment_ids != 0)[:, :, None]
+
+    def loss(params):
+        return jnp.sum(module.apply(params, x, mask) * weights)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
+    assert target in hlo and ("lm_attention_packed" in hlo) == (position != "rope")
+    grads = jax.jit(jax.grad(loss))(params)
+    refs = jax.jit(_xla_path(jax.grad(loss)))(params)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(refs), strict=True):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5)

@@ -34,11 +34,11 @@ def usable(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> bool:
     """Whether `attention` applies: fp32 operands on a CPU with AVX-512 or AVX2, kernel
     built. Operands sharded over several devices are gathered for the call (the
     partitioner knows nothing of it; multi-device CPU runs are tests and debugging)."""
-    return q.dtype == k.dtype == v.dtype == jnp.float32 and build.on_cpu()
+    return q.dtype == k.dtype == v.dtype and packed_usable(q.dtype)
 
 
 def packed_usable(dtype) -> bool:
-    """Whether `attention_packed` applies to a projection computed in `dtype`."""
+    """Whether `attention_packed` (and `attention`) apply to operands of `dtype`."""
     return jnp.dtype(dtype) == jnp.float32 and build.on_cpu()
 
 
@@ -87,31 +87,33 @@ def attention_packed(qkv_BLCK: jnp.ndarray, allowed_BLL: jnp.ndarray, scale: flo
     its gradient is one array in the same layout. Reading the parts in place saves the
     three slice copies that separate operands of a custom call need, and the projection's
     backward pass takes one cotangent (two products instead of six)."""
+    return _packed_call("lm_attention_packed_inference", _packed_out(qkv_BLCK, heads), scale,
+                        heads, qkv_BLCK, allowed_BLL)
+
+
+def _packed_out(qkv, heads):
+    b, length, _, k = qkv.shape
+    return jax.ShapeDtypeStruct((b, length, heads, k), jnp.float32)
+
+
+def _packed_call(target, out_types, scale, heads, *operands):
     build.require()
-    b, length, _, k = qkv_BLCK.shape
-    out_type = jax.ShapeDtypeStruct((b, length, heads, k), jnp.float32)
-    return jax.ffi.ffi_call("lm_attention_packed_inference", out_type,
-                            vmap_method="sequential")(
-        qkv_BLCK, allowed_BLL, scale=np.float32(scale), heads=np.int64(heads))
+    return jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
+        *operands, scale=np.float32(scale), heads=np.int64(heads))
 
 
 def _packed_fwd(qkv, allowed, scale, heads):
-    build.require()
-    b, length, _, k = qkv.shape
-    out_types = (jax.ShapeDtypeStruct((b, length, heads, k), jnp.float32),
-                 jax.ShapeDtypeStruct((b, heads, length, length), jnp.float32))
-    out, probs = jax.ffi.ffi_call("lm_attention_packed_fwd", out_types,
-                                  vmap_method="sequential")(
-        qkv, allowed, scale=np.float32(scale), heads=np.int64(heads))
+    b, length = qkv.shape[:2]
+    probs_type = jax.ShapeDtypeStruct((b, heads, length, length), jnp.float32)
+    out, probs = _packed_call("lm_attention_packed_fwd", (_packed_out(qkv, heads), probs_type),
+                              scale, heads, qkv, allowed)
     return out, (qkv, allowed, probs)
 
 
 def _packed_bwd(scale, heads, res, g):
     qkv, allowed, probs = res
-    out_type = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
-    dqkv = jax.ffi.ffi_call("lm_attention_packed_bwd", out_type, vmap_method="sequential")(
-        qkv, allowed, probs, g.astype(jnp.float32), scale=np.float32(scale),
-        heads=np.int64(heads))
+    dqkv = _packed_call("lm_attention_packed_bwd", jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+                        scale, heads, qkv, allowed, probs, g.astype(jnp.float32))
     return dqkv, None
 
 

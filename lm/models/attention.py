@@ -54,12 +54,10 @@ def dot_product_attention(
     if impl != "einsum" and not return_probs and not dropout:
         return _fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS, impl, scale)
 
-    if (impl == "einsum" and bias_BHLS is None and not dropout and not return_probs
+    if (_kernel_applies(impl, bias_BHLS, dropout, return_probs)
             and cpu_kernels.usable(q_BLHK, k_BSGK, v_BSGK)):
-        allowed = (jnp.ones((b, length, k_BSGK.shape[1]), bool) if mask is None
-                   else mask.allowed()[:, 0])
-        return cpu_kernels.attention(q_BLHK, k_BSGK, v_BSGK, allowed,
-                                     k**-0.5 if scale is None else scale)
+        return cpu_kernels.attention(q_BLHK, k_BSGK, v_BSGK,
+                                     *_kernel_mask_and_scale(mask, q_BLHK, k_BSGK, scale))
 
     r = h // g
     # The logits as [B, G, R, L, S] (R = H // G query heads per key/value head) only for
@@ -98,6 +96,30 @@ def dot_product_attention(
     if return_probs:
         return out_BLHK, probs.reshape(b, h, length, -1)
     return out_BLHK
+
+
+def packed_self_attention(qkv_BLCK: jnp.ndarray, mask: Mask | None, heads: int,
+                          scale: float | None) -> jnp.ndarray:
+    """`dot_product_attention` of self-attention through the CPU kernel, on the packed
+    projection [B, L, H + 2G, K] (`packed_qkv`) read in place; the caller checks that the
+    kernel applies (`_kernel_applies`, `cpu_kernels.packed_usable`)."""
+    return cpu_kernels.attention_packed(
+        qkv_BLCK, *_kernel_mask_and_scale(mask, qkv_BLCK, qkv_BLCK, scale), heads)
+
+
+def _kernel_applies(impl: str, bias_BHLS, dropout: bool, return_probs: bool) -> bool:
+    """Whether the CPU attention kernel computes what was asked (it has no logit bias,
+    dropout or probabilities to return); the operands' dtype is checked separately."""
+    return impl == "einsum" and bias_BHLS is None and not dropout and not return_probs
+
+
+def _kernel_mask_and_scale(mask: Mask | None, queries, keys, scale: float | None):
+    """The kernel's boolean table [B, L, S] of allowed keys and its logit scale, for
+    queries [B, L, .., K] and keys [B, S, ..]."""
+    b, length, *_, k = queries.shape
+    allowed = (jnp.ones((b, length, keys.shape[1]), bool) if mask is None
+               else mask.allowed()[:, 0])
+    return allowed, k**-0.5 if scale is None else scale
 
 
 def _fused_attention(q, k, v, mask: Mask | None, bias, impl: str, scale: float | None
@@ -187,11 +209,15 @@ def packed_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> jnp.ndarray:
     gradients are slices of one [D, (H + 2G) K] product)."""
     dtype = cfg.compute_dtype
     kernels = [jnp.asarray(kernel, dtype) for kernel, _ in params]
-    w_DC = jnp.concatenate([w.reshape(w.shape[0], -1) for w in kernels], axis=1)
-    y = dense_product(x_BLD.astype(dtype), w_DC)
+    y = dense_product(x_BLD.astype(dtype), jnp.concatenate(_flat(kernels), axis=1))
     if params[0][1] is not None:
         y = add_bias(y, jnp.concatenate([jnp.asarray(b, dtype).reshape(-1) for _, b in params]))
     return y.reshape(*x_BLD.shape[:-1], -1, kernels[0].shape[-1])
+
+
+def _flat(kernels_DNK) -> list[jnp.ndarray]:
+    """Each [D, N, K] kernel as [D, N K] (a bitcast)."""
+    return [w.reshape(w.shape[0], -1) for w in kernels_DNK]
 
 
 def fused_qkv(cfg: ModelConfig, x_BLD: jnp.ndarray, params) -> list[jnp.ndarray]:
@@ -216,7 +242,7 @@ def _qkv_product(x_BLD, *kernels_DNK):
     cotangent transposed to [.., K, N] for the backward products (`char_lm:baby`: 24 of
     its 39 transposed copies)."""
     x_ND = x_BLD.reshape(-1, x_BLD.shape[-1])
-    flat = [w.reshape(w.shape[0], -1) for w in kernels_DNK]
+    flat = _flat(kernels_DNK)
     qkv_NC = custom_grads.mixed_dot(x_ND, jnp.concatenate(flat, axis=1))
     parts = jnp.split(qkv_NC, np.cumsum([w.shape[1] for w in flat])[:-1], axis=1)
     return tuple(p.reshape(*x_BLD.shape[:-1], *w.shape[1:])
@@ -231,7 +257,7 @@ def _qkv_bwd(res, grads):
     x_BLD, kernels_DNK = res
     x_ND = x_BLD.reshape(-1, x_BLD.shape[-1])
     gs = [g.reshape(x_ND.shape[0], -1) for g in grads]
-    ws = [w.reshape(w.shape[0], -1) for w in kernels_DNK]
+    ws = _flat(kernels_DNK)
     nt, tn = (((1,), (1,)), ((), ())), (((0,), (0,)), ((), ()))
     dx_ND = sum(jax.lax.dot_general(g, w, nt, preferred_element_type=jnp.float32)
                 for g, w in zip(gs, ws, strict=True))
@@ -270,6 +296,7 @@ class Attention(nn.Module):
         # (through the reference path) under intermediates/.../attention_probs.
         return_probs = self.is_mutable_collection("intermediates")
         scale = None if cfg.scale_attention else 1.0
+        dropout = not deterministic and cfg.attention_dropout_rate > 0
         if on_cpu():
             out_params = Projection(cfg, (cfg.d_model,), ("heads", "kv", "embed"),
                                     self.out_init_scale, name="out")((h, k))
@@ -281,17 +308,12 @@ class Attention(nn.Module):
             params = [Projection(cfg, (n, k), axes, s, name=name)(x_BLD.shape[-1])
                       for n, s, name in ((h, q_scale, "query"), (g, 1.0, "key"),
                                          (g, 1.0, "value"))]
-            dropout = not deterministic and cfg.attention_dropout_rate > 0
-            if (not self.decode and bias_BHLS is None and not return_probs and not dropout
-                    and cfg.attention_impl == "einsum" and cfg.position != "rope"
+            if (not self.decode and cfg.position != "rope"
+                    and _kernel_applies(cfg.attention_impl, bias_BHLS, dropout, return_probs)
                     and cpu_kernels.packed_usable(cfg.compute_dtype)):
                 qkv_BLCK = constrain(packed_qkv(cfg, x_BLD, params),
                                      ("batch", "length", None, "act_kv"))
-                b, length = x_BLD.shape[:2]
-                allowed = (jnp.ones((b, length, length), bool) if mask is None
-                           else mask.allowed()[:, 0])
-                return out(cpu_kernels.attention_packed(
-                    qkv_BLCK, allowed, k**-0.5 if scale is None else scale, h))
+                return out(packed_self_attention(qkv_BLCK, mask, h, scale))
             q_BLHK, k_BSGK, v_BSGK = fused_qkv(cfg, x_BLD, params)
         else:
             q_BLHK = _dense(cfg, (h, k), axes, "query", init_scale=q_scale)(x_BLD)
@@ -309,9 +331,7 @@ class Attention(nn.Module):
             if cache is not None:
                 k_BSGK, v_BSGK = _cache_views(*cache, q_BLHK.shape[0])
 
-        rng = None
-        if not deterministic and cfg.attention_dropout_rate > 0:
-            rng = self.make_rng("dropout")
+        rng = self.make_rng("dropout") if dropout else None
         result = dot_product_attention(
             q_BLHK, k_BSGK, v_BSGK, mask, bias_BHLS=bias_BHLS, impl=cfg.attention_impl,
             dropout_rate=cfg.attention_dropout_rate, dropout_rng=rng, return_probs=return_probs,

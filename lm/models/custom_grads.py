@@ -254,16 +254,12 @@ tied_product.defvjp(_tied_fwd, _tied_bwd)
 
 def layer_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray | None,
                eps: float) -> jnp.ndarray:
-    """LayerNorm over the last axis in fp32, (x - mean) / sqrt(var + eps) * scale [+ bias],
-    whose backward pass is the closed form rstd (gy - mean(gy) - y mean(gy y)), gy = g
-    scale, from two residuals (y and rstd)."""
-    return _layer_norm(x, scale, bias, eps, jnp.dtype(x.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _layer_norm(x, scale, bias, eps, x_dtype):
-    y, _ = _normalize(x, eps)
-    return y * scale if bias is None else y * scale + bias
+    """LayerNorm over the last axis in fp32, (x - mean) / sqrt(var + eps) * scale [+ bias].
+    On the CPU its backward pass is the closed form rstd (gy - mean(gy) - y mean(gy y)),
+    gy = g scale, from two residuals (y and rstd); other backends keep autodiff's."""
+    if on_cpu():
+        return _layer_norm(x, scale, bias, eps, jnp.dtype(x.dtype))
+    return _affine(_normalize(x, eps)[0], scale, bias)
 
 
 def _normalize(x, eps):
@@ -273,9 +269,18 @@ def _normalize(x, eps):
     return xc * rstd, rstd
 
 
+def _affine(y, scale, bias):
+    return y * scale if bias is None else y * scale + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps, x_dtype):
+    return _affine(_normalize(x, eps)[0], scale, bias)
+
+
 def _layer_norm_fwd(x, scale, bias, eps, x_dtype):
     y, rstd = _normalize(x, eps)
-    return (y * scale if bias is None else y * scale + bias), (y, rstd, scale, bias)
+    return _affine(y, scale, bias), (y, rstd, scale, bias)
 
 
 def _layer_norm_bwd(eps, x_dtype, res, g):

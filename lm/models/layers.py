@@ -64,22 +64,17 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg = self.cfg
-        x32 = x.astype(jnp.float32)
         scale = self.param("scale", param_init(cfg, ("embed",), nn.initializers.ones_init()),
                            (x.shape[-1],), cfg.params_dtype)
         if cfg.norm == "rmsnorm":
+            x32 = x.astype(jnp.float32)
             y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.norm_eps)
             return (y * scale).astype(cfg.compute_dtype)
         bias = None
         if cfg.norm_bias:
             bias = self.param("bias", param_init(cfg, ("embed",), nn.initializers.zeros_init()),
                               (x.shape[-1],), cfg.params_dtype)
-        if on_cpu():
-            return layer_norm(x, scale, bias, cfg.norm_eps).astype(cfg.compute_dtype)
-        mean = jnp.mean(x32, -1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-        return (y * scale if bias is None else y * scale + bias).astype(cfg.compute_dtype)
+        return layer_norm(x, scale, bias, cfg.norm_eps).astype(cfg.compute_dtype)
 
 
 def activation(name: str, x: jnp.ndarray) -> jnp.ndarray:
