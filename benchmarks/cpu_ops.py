@@ -8,7 +8,9 @@
   where YNNPACK takes reductions (lm's flag) and where XLA's loops do;
 - a bias gradient of [16, 128, 1024] activations (batch, length, width) as a reduction
   over the leading axes and as a product with a ones vector or [8, N] ones
-  (`--bias_shape 1 320 30522`: BERT's MLM output bias);
+  (`--bias_shape 1 320 30522`: BERT's MLM output bias; past 16,384 columns XLA's reduction
+  falls off a cliff: `--bias_shape 1 320 16384|16385 --ops bias_grad_reduce
+  bias_grad_ones8_product`);
 - the three [512, 50257] x 256 products of one loss chunk (forward and both gradients),
   the table gradient also as [D, V] then transposed (`--vocab 30522 --rows 320`: BERT's
   MLM head), and the three with bf16 operands (`*_bf16`; run with lm's bf16 flag, below);
@@ -202,6 +204,7 @@ def main() -> None:
     p.add_argument("--bias_shape", type=int, nargs=3, default=[16, 128, 1024])
     p.add_argument("--attention_shape", type=int, nargs=4, default=[12, 4, 64, 64])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--ops", nargs="+", default=None, help="time only these ops (names above)")
     args = p.parse_args()
     import jax
 
@@ -209,6 +212,8 @@ def main() -> None:
     for name, (fn, operands) in ops(args.vocab, args.rows, args.width,
                                     tuple(args.bias_shape),
                                     tuple(args.attention_shape)).items():
+        if args.ops and name not in args.ops:
+            continue
         ms = best_ms(jax.jit(fn), *operands, repeats=args.repeats)
         print(json.dumps({"what": "cpu_op", "op": name,
                           "shapes": [list(o.shape) for o in operands], "best_ms": round(ms, 3),

@@ -74,16 +74,22 @@ def test_ops_compute_their_reference_values():
                                        err_msg=name)
 
 
-def test_prints_one_line_per_op():
+def _run(*extra: str) -> list[dict]:
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "cpu_ops.py"), "--vocab", "64", "--rows",
          "8", "--width", "4", "--bias_shape", "2", "8", "8", "--attention_shape", "2", "2",
-         "4", "4", "--repeats", "2"],
+         "4", "4", "--repeats", "2", *extra],
         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
         check=True).stdout.splitlines()
-    lines = [json.loads(line) for line in out]
+    return [json.loads(line) for line in out]
+
+
+def test_prints_one_line_per_op():
+    lines = _run()
     assert [r["op"] for r in lines] == list(_module().ops(8, 2, 2, (2, 2, 2)))
     assert all(r["what"] == "cpu_op" and r["best_ms"] > 0 for r in lines)
+    picked = _run("--ops", "bias_grad_reduce", "row_max")  # in the table's order
+    assert [r["op"] for r in picked] == ["row_max", "bias_grad_reduce"]
 
 
 def test_bf16_chunk_ops_agree_between_xla_and_the_amx_kernels():
