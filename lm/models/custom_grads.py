@@ -29,7 +29,8 @@ def materialize_grad(x: jnp.ndarray) -> jnp.ndarray:
 
     The cotangent is clamped to the finite range first (`keep_out_of_dot_fusion`, never
     binds): YNNPACK otherwise fused the identity product with the product and residual
-    add that produce the cotangent (BERT: 6-8 ms traced per such fusion), and the
+    add that produce the cotangent (BERT: 6-8 ms per such fusion in `benchmarks/
+    profile_ops.py train_step --model bert`), and the
     `char_lm:baby` step ran 1.036x faster without that fusion (BERT 1.002x, GPT 1.008x;
     `benchmarks/ab.py`, 4 / 3 / 3 rounds)."""
     return x
@@ -165,9 +166,10 @@ dense_product.defvjp(_dense_fwd, _dense_bwd)
 
 
 # Above this many columns XLA:CPU's sum over rows falls off a cliff: [320, 16384] 1.2 ms,
-# [320, 16385] 11.4 ms, [320, 30522] (BERT's MLM bias gradient) 21.2 ms, [512, 50257]
-# 120 ms, against 1.1, 1.1, 1.4 and 4.0 ms as a product with ones (a one-off script
-# alternating the two in one process; up to 8,192 columns the sum is as fast or faster).
+# [320, 16385] 11.1 ms, [320, 30522] (BERT's MLM bias gradient) 23.1 ms, [512, 50257]
+# 120 ms, against 1.0, 1.0, 1.4 and 4.3 ms as a product with ones (`python
+# benchmarks/cpu_ops.py --bias_shape 1 R C --ops bias_grad_reduce bias_grad_ones8_product`;
+# in a one-off script up to 8,192 columns the sum was as fast or faster).
 _WIDE_BIAS = 16384
 
 
