@@ -19,26 +19,15 @@ from lm.data.bert_pipeline import BertDataOptions, build_bert_data
 from lm.models.config import ModelConfig
 from lm.models.heads import BertPretrainer
 from lm.objectives.base import Batch, Data, Metrics, Objective
+from lm.objectives.losses import cross_entropy_sums
 
 
 def mlm_metrics(logits_BPV: jnp.ndarray, ids_BP: jnp.ndarray, weights_BP: jnp.ndarray
                 ) -> Metrics:
     """Masked-LM loss and accuracy as (sum, count) over the positions with weight > 0."""
-    logits_BPV = logits_BPV.astype(jnp.float32)
-    ce_BP = optax.softmax_cross_entropy_with_integer_labels(logits_BPV, ids_BP)
-    # correct: the target's logit is the largest (exact ties count as correct, unlike
-    # argmax's first index). An argmax over the vocabulary is a variadic (value, index)
-    # reduction that took 15 ms of the 0.43 s BERT benchmark step
-    # (benchmarks/profile_ops.py train_step --model bert); a max is a plain one.
-    target_BP = jnp.take_along_axis(logits_BPV, ids_BP[..., None], -1)[..., 0]
-    correct_BP = (target_BP >= logits_BPV.max(-1)).astype(jnp.float32)
-    weights_BP = weights_BP.astype(jnp.float32)
-    # where(), not only a product: a non-finite logit at an unchosen position cannot leak
-    # into the value.
-    chosen = weights_BP > 0
-    count = weights_BP.sum()
-    return {"mlm_loss": (jnp.where(chosen, ce_BP * weights_BP, 0.0).sum(), count),
-            "mlm_accuracy": (jnp.where(chosen, correct_BP * weights_BP, 0.0).sum(), count)}
+    loss, correct = cross_entropy_sums(logits_BPV, ids_BP, weights_BP)
+    count = weights_BP.astype(jnp.float32).sum()
+    return {"mlm_loss": (loss, count), "mlm_accuracy": (correct, count)}
 
 
 def nsp_metrics(logits_B2: jnp.ndarray, labels_B: jnp.ndarray) -> Metrics:

@@ -190,3 +190,44 @@ def _fused_loss_bwd(residuals, cotangents):
 
 
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
+
+
+def cross_entropy_sums(logits_BKV: jnp.ndarray, targets_BK: jnp.ndarray,
+                       weights_BK: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sum of w * cross-entropy, sum of w * correct) over materialised logits, where
+    correct = the target's logit is the largest (exact ties count). Rows of weight 0
+    contribute nothing, whatever their logits (a non-finite logit there cannot leak).
+
+    Differentiable in the logits. On the CPU (fp32) one kernel computes both sums and the
+    gradient in one read of the logits, in the forward pass (the derivative of a summed
+    loss needs only its scalar cotangent); elsewhere XLA's softmax and autodiff."""
+    if ce_kernel.usable(logits_BKV):
+        return _kernel_sums(logits_BKV, targets_BK, weights_BK)
+    logits = logits_BKV.astype(jnp.float32)
+    weights = weights_BK.astype(jnp.float32)
+    ce_BK = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BK)
+    target_BK = jnp.take_along_axis(logits, targets_BK[..., None], -1)[..., 0]
+    correct_BK = (target_BK >= logits.max(-1)).astype(jnp.float32)
+    chosen = weights > 0  # where(), not only a product: 0 * inf is NaN
+    return (jnp.where(chosen, ce_BK * weights, 0.0).sum(),
+            jax.lax.stop_gradient(jnp.where(chosen, correct_BK * weights, 0.0).sum()))
+
+
+@jax.custom_vjp
+def _kernel_sums(logits_BKV, targets_BK, weights_BK):
+    loss_BK, correct_BK = ce_kernel.stats(logits_BKV, targets_BK, weights_BK)
+    return loss_BK.sum(), correct_BK.sum()
+
+
+def _kernel_sums_fwd(logits_BKV, targets_BK, weights_BK):
+    loss, correct, dlogits_BKV = _chunk_loss_and_grad(logits_BKV, targets_BK, weights_BK,
+                                                      jnp.float32)
+    return (loss, correct), (dlogits_BKV, None, None)
+
+
+def _kernel_sums_bwd(residuals, cotangents):
+    dlogits_BKV, _, _ = residuals
+    return cotangents[0] * dlogits_BKV, None, None  # the weights are data, not differentiated
+
+
+_kernel_sums.defvjp(_kernel_sums_fwd, _kernel_sums_bwd)
