@@ -34,6 +34,12 @@ from collections.abc import MutableMapping
 
 YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 CPU_FLAGS = {YNN_FLAG: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+# On CPUs with AVX-512, XLA's own loops (elementwise fusions: the GELU's erf, exp) in
+# 512-bit vectors instead of the default 256: a [4096, 512] GELU 0.69 -> 0.46 ms; the
+# `char_lm:baby` step 1.018x, its validation batch 1.036x, BERT 1.017x, GPT fp32 1.022x,
+# GPT bf16 even (benchmarks/ab.py, every pair faster in the first three).
+VECTOR_FLAG = "xla_cpu_prefer_vector_width"
+AVX512_FLAGS = {VECTOR_FLAG: "512"}
 # per compute dtype: the YNNPACK fusion types measured fastest (see the module docstring)
 YNN_BY_DTYPE = {"float32": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
                 "bfloat16": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
@@ -48,15 +54,18 @@ def jaxlib_version() -> str:
 
 
 def configure_xla(env: MutableMapping[str, str] = os.environ,
-                  version: str | None = None) -> list[str]:
-    """Adds our CPU flags to `env["XLA_FLAGS"]`; returns the flags added."""
+                  version: str | None = None, cpu: list[str] | None = None) -> list[str]:
+    """Adds our CPU flags to `env["XLA_FLAGS"]` (`cpu`: this CPU's `cpu_flags()`, read
+    when None; AVX-512 adds AVX512_FLAGS); returns the flags added."""
     if env.get("LM_XLA_DEFAULTS", "1") == "0":
         return []
     version = jaxlib_version() if version is None else version
     if not version.startswith(TESTED_JAXLIB):
         return []
+    cpu = cpu_flags() if cpu is None else cpu
+    ours = {**CPU_FLAGS, **(AVX512_FLAGS if "avx512f" in cpu else {})}
     flags = env.get("XLA_FLAGS", "")
-    added = [f"--{name}={value}" for name, value in CPU_FLAGS.items() if name not in flags]
+    added = [f"--{name}={value}" for name, value in ours.items() if name not in flags]
     if added:
         env["XLA_FLAGS"] = " ".join([flags, *added]).strip()
         env["LM_XLA_ADDED"] = " ".join(added)  # ours, so set_compute_dtype may change them

@@ -16,16 +16,31 @@ FLAG = ("--xla_cpu_experimental_ynn_fusion_type="
 
 def test_adds_cpu_flags_after_existing_ones():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    assert runtime.configure_xla(env, version="0.10.2") == [FLAG]
+    assert runtime.configure_xla(env, version="0.10.2", cpu=["avx2"]) == [FLAG]
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {FLAG}"
-    assert runtime.configure_xla(env, version="0.10.2") == []  # idempotent
+    assert runtime.configure_xla(env, version="0.10.2", cpu=["avx2"]) == []  # idempotent
     assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+
+
+def test_avx512_cpus_get_512_bit_vectors_unless_the_user_set_a_width():
+    wide = "--xla_cpu_prefer_vector_width=512"
+    env = {}
+    assert runtime.configure_xla(env, version="0.10.2", cpu=["avx2", "avx512f"]) == [FLAG, wide]
+    assert env["XLA_FLAGS"] == f"{FLAG} {wide}"
+    assert runtime.set_compute_dtype("bfloat16", env, started=False).endswith("INDIVIDUAL_DOT,"
+                                                                             "LIBRARY_FUSION_TYPE_REDUCE")
+    assert wide in env["XLA_FLAGS"].split() and wide in env["LM_XLA_ADDED"].split()
+    mine = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}
+    assert runtime.configure_xla(mine, version="0.10.2", cpu=["avx512f"]) == [FLAG]
+    assert mine["XLA_FLAGS"] == f"--xla_cpu_prefer_vector_width=256 {FLAG}"
 
 
 def test_never_overrides_the_user_or_untested_versions():
     mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE"}
-    assert runtime.configure_xla(mine, version="0.10.2") == []
-    assert mine["XLA_FLAGS"].endswith("ELTWISE")
+    assert runtime.configure_xla(mine, version="0.10.2", cpu=["avx512f"]) == [
+        "--xla_cpu_prefer_vector_width=512"]  # only the flag the user did not set
+    assert mine["XLA_FLAGS"].split()[0].endswith("ELTWISE")
+    assert mine["XLA_FLAGS"].count("ynn_fusion_type") == 1
     off = {"LM_XLA_DEFAULTS": "0"}
     assert runtime.configure_xla(off, version="0.10.2") == [] and "XLA_FLAGS" not in off
     newer = {}
@@ -55,7 +70,7 @@ def test_flag_reaches_the_cpu_compiler(defaults):
 
 def test_compute_dtype_switches_only_our_flag_before_the_backend_starts():
     env = {}
-    runtime.configure_xla(env, version="0.10.2")
+    runtime.configure_xla(env, version="0.10.2", cpu=[])
     bf16 = FLAG.replace("TYPE_DOT", "TYPE_INDIVIDUAL_DOT")
     assert runtime.set_compute_dtype("bfloat16", env, started=False) == bf16
     assert env["XLA_FLAGS"] == bf16
