@@ -29,6 +29,9 @@
 - a bf16 bias gradient as XLA's reduction and as lm's product with [8, N] ones
   (`bias_grad_bf16_*`; run with `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
   LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE`, lm's bf16 setting);
+- a kernel's gradient xᵀ g over the token axis (`--weight_grad_shape N in out`) as XLA
+  compiles it (Eigen), on x already laid out [in, N] (YNNPACK) and through lm's
+  transpose kernel (`weight_grad_*`, lm.models.custom_grads.weight_grad);
 - one bf16 loss chunk, [rows, width] hidden states against the [vocab, width] table:
   its loss sums, or those and both gradients (dx and the table's [D, V] sum), through
   XLA's products and the cross-entropy kernel and through lm's AMX kernels
@@ -62,7 +65,8 @@ def best_ms(fn, *args, repeats: int) -> float:
 
 
 def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
-        attention_shape: tuple[int, int, int, int] = (12, 4, 64, 64)):
+        attention_shape: tuple[int, int, int, int] = (12, 4, 64, 64),
+        weight_grad_shape: tuple[int, int, int] = (768, 128, 512)):
     import jax
     import jax.numpy as jnp
 
@@ -155,8 +159,21 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
             "amx_pack_kernel": (amx.pack, (table16,)),
         }
 
+    from lm.kernels import transpose as transpose_kernel
+
+    n, d_in, d_out = weight_grad_shape
+    wg_x = jax.random.normal(key, (n, d_in))
+    wg_g = jax.random.normal(jax.random.key(4), (n, d_out))
+    wg_xt = wg_x.T.copy()
+
     return {
         **amx_ops,
+        # a kernel's gradient xᵀ g over the token axis: as XLA gets it (Eigen), on an
+        # operand already laid out [in, N] (YNNPACK), and lm's form (custom_grads.weight_grad)
+        "weight_grad_2d": (lambda x, g: x.T @ g, (wg_x, wg_g)),
+        "weight_grad_pretransposed": (lambda xt, g: xt @ g, (wg_xt, wg_g)),
+        **({"weight_grad_kernel_transposed": (custom_grads.weight_grad, (wg_x, wg_g))}
+           if transpose_kernel.usable(wg_x) else {}),
         "row_max": (lambda x: jnp.max(x, -1), (logits,)),
         "row_sum": (lambda x: jnp.sum(x, -1), (logits,)),
         "bias_grad_reduce": (lambda g: jnp.sum(g, (0, 1)), (grad,)),
@@ -203,6 +220,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--bias_shape", type=int, nargs=3, default=[16, 128, 1024])
     p.add_argument("--attention_shape", type=int, nargs=4, default=[12, 4, 64, 64])
+    p.add_argument("--weight_grad_shape", type=int, nargs=3, default=[768, 128, 512],
+                   help="N in out: x [N, in], g [N, out] (char_lm:baby's MLP input)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--ops", nargs="+", default=None, help="time only these ops (names above)")
     args = p.parse_args()
@@ -211,7 +230,8 @@ def main() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     for name, (fn, operands) in ops(args.vocab, args.rows, args.width,
                                     tuple(args.bias_shape),
-                                    tuple(args.attention_shape)).items():
+                                    tuple(args.attention_shape),
+                                    tuple(args.weight_grad_shape)).items():
         if args.ops and name not in args.ops:
             continue
         ms = best_ms(jax.jit(fn), *operands, repeats=args.repeats)

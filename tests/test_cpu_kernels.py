@@ -219,3 +219,35 @@ def test_self_attention_layer_takes_the_packed_kernel_without_rope(position, tar
     refs = jax.jit(_xla_path(jax.grad(loss)))(params)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(refs), strict=True):
         np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(768, 128), (35, 13), (16, 8), (1, 5), (9, 1), (0, 4)])
+def test_transpose_kernel_is_the_exact_transpose(shape):
+    from lm.kernels import transpose as transpose_kernel
+
+    x = _normal(0, shape)
+    got = jax.jit(transpose_kernel.transpose)(x)
+    assert got.shape == shape[::-1]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(x).T)
+
+
+@pytest.mark.parametrize("n,d_in,d_out", [(96, 16, 40), (96, 40, 16), (35, 13, 13)])
+def test_weight_grad_transposes_through_the_kernel_for_ynnpack(n, d_in, d_out):
+    """xᵀ g as the exact product, with the smaller operand transposed by the kernel (so
+    XLA cannot fold it back into an Eigen product contracting both leading axes), and the
+    dense layer's kernel gradient through it."""
+    from lm.models import custom_grads
+
+    x, g = _normal(1, (n, d_in)), _normal(2, (n, d_out))
+    want = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)
+    np.testing.assert_allclose(jax.jit(custom_grads.weight_grad)(x, g), want, rtol=1e-5,
+                               atol=1e-4)
+    hlo = jax.jit(custom_grads.weight_grad).lower(x, g).compile().as_text()
+    assert hlo.count('custom_call_target="lm_transpose"') == (1 if d_in <= d_out else 2)
+    with build.switched_off():  # XLA's own form elsewhere, the same values
+        off = jax.jit(lambda x, g: custom_grads.weight_grad(x, g)).lower(x, g).compile()
+        assert "lm_transpose" not in off.as_text()
+        np.testing.assert_allclose(off(x, g), want, rtol=1e-5, atol=1e-4)
+    w = _normal(3, (d_in, d_out))
+    dw = jax.grad(lambda w: jnp.sum(custom_grads.dense_product(x, w) * g))(w)
+    np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-4)

@@ -258,10 +258,10 @@ def _qkv_bwd(res, grads):
     x_ND = x_BLD.reshape(-1, x_BLD.shape[-1])
     gs = [g.reshape(x_ND.shape[0], -1) for g in grads]
     ws = _flat(kernels_DNK)
-    nt, tn = (((1,), (1,)), ((), ())), (((0,), (0,)), ((), ()))
+    nt = (((1,), (1,)), ((), ()))
     dx_ND = sum(jax.lax.dot_general(g, w, nt, preferred_element_type=jnp.float32)
                 for g, w in zip(gs, ws, strict=True))
-    dws = [custom_grads.mixed_dot(x_ND, g, tn).reshape(w.shape)
+    dws = [custom_grads.weight_grad(x_ND, g).reshape(w.shape)
            for g, w in zip(gs, kernels_DNK, strict=True)]
     return (dx_ND.reshape(x_BLD.shape).astype(x_BLD.dtype), *dws)
 
