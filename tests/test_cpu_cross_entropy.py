@@ -128,3 +128,35 @@ def test_logits_used_again_are_not_overwritten_by_the_fp32_gradient():
     np.testing.assert_allclose(sums, (logits * 2).sum(-1), rtol=1e-6)
     np.testing.assert_allclose(grad, _reference(logits * 2, targets, weights, jnp.float32)[2],
                                rtol=2e-6, atol=2e-6)
+
+
+def test_cross_entropy_sums_on_materialised_logits_with_and_without_the_kernel():
+    """`losses.cross_entropy_sums` (BERT's masked-LM loss): the kernel's sums and the
+    gradient it takes in the forward pass equal XLA's softmax and autodiff, and a
+    non-finite logit in a row of weight 0 reaches neither the sums nor the gradient."""
+    from lm.objectives.losses import cross_entropy_sums
+
+    logits, targets, weights = _case(7, (3, 5), 97)
+    logits = logits.at[0, 0].set(jnp.inf).at[1, 2, 4].set(jnp.nan)
+    weights = weights.at[0, 0].set(0.0).at[1, 2].set(0.0)
+
+    def run():
+        def loss(x):
+            total, correct = cross_entropy_sums(x, targets, weights)
+            return 2.0 * total + correct, (total, correct)
+        (_, sums), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(logits)
+        return sums, grad, jax.jit(lambda x: cross_entropy_sums(x, targets, weights))(logits)
+
+    (k_sums, k_grad, k_fwd), hlo = run(), jax.jit(
+        lambda x: cross_entropy_sums(x, targets, weights)).lower(logits).as_text()
+    assert "lm_cross_entropy" in hlo
+    with build.switched_off():
+        x_sums, x_grad, x_fwd = run()
+    loss, correct, grad = _reference(jnp.where(weights[..., None] > 0, logits, 0.0), targets,
+                                     weights, jnp.float32)
+    for got in (k_sums, x_sums, k_fwd, x_fwd):
+        np.testing.assert_allclose(got[0], loss.sum(), rtol=1e-5)
+        np.testing.assert_allclose(got[1], correct.sum(), rtol=1e-6)
+    for got in (k_grad, x_grad):  # the correct count carries no gradient
+        assert np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(got, 2.0 * grad, rtol=1e-5, atol=1e-6)

@@ -203,14 +203,15 @@ def cross_entropy_sums(logits_BKV: jnp.ndarray, targets_BK: jnp.ndarray,
     loss needs only its scalar cotangent); elsewhere XLA's softmax and autodiff."""
     if ce_kernel.usable(logits_BKV):
         return _kernel_sums(logits_BKV, targets_BK, weights_BK)
-    logits = logits_BKV.astype(jnp.float32)
     weights = weights_BK.astype(jnp.float32)
+    chosen = weights > 0
+    # the unchosen rows' logits replaced, not only weighted: 0 * inf is NaN, in the sums
+    # and in the softmax's gradient
+    logits = jnp.where(chosen[..., None], logits_BKV.astype(jnp.float32), 0.0)
     ce_BK = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BK)
     target_BK = jnp.take_along_axis(logits, targets_BK[..., None], -1)[..., 0]
     correct_BK = (target_BK >= logits.max(-1)).astype(jnp.float32)
-    chosen = weights > 0  # where(), not only a product: 0 * inf is NaN
-    return (jnp.where(chosen, ce_BK * weights, 0.0).sum(),
-            jax.lax.stop_gradient(jnp.where(chosen, correct_BK * weights, 0.0).sum()))
+    return ((ce_BK * weights).sum(), jax.lax.stop_gradient((correct_BK * weights).sum()))
 
 
 @jax.custom_vjp
