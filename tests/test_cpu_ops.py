@@ -25,7 +25,7 @@ def _module():
 
 def test_ops_compute_their_reference_values():
     ops = _module().ops(vocab=37, rows=6, width=5, bias_shape=(3, 3, 4),
-                        attention_shape=(2, 3, 4, 5))
+                        attention_shape=(2, 3, 4, 5), weight_grad_shape=(24, 5, 9))
     (x,) = ops["row_max"][1]
     x = np.asarray(x, np.float64)
     want = {"row_max": x.max(-1), "row_sum": x.sum(-1)}
@@ -63,6 +63,12 @@ def test_ops_compute_their_reference_values():
     want["weights_read"] = np.asarray(w_all, np.float64).sum(0)
     (x8,) = ops["argmax_kernel"][1]
     want["argmax_top_k1"] = want["argmax_jnp"] = want["argmax_kernel"] = np.asarray(x8).argmax(-1)
+    wx, wg = (np.asarray(a, np.float64) for a in ops["weight_grad_2d"][1])
+    assert (wx.shape, wg.shape) == ((24, 5), (24, 9))
+    np.testing.assert_array_equal(ops["weight_grad_pretransposed"][1][0], wx.T)
+    want["weight_grad_2d"] = want["weight_grad_pretransposed"] = wx.T @ wg
+    if "weight_grad_kernel_transposed" in ops:  # where the CPU kernels are built
+        want["weight_grad_kernel_transposed"] = wx.T @ wg
     assert set(ops) == set(want)
     for name, (fn, operands) in ops.items():
         got = jax.jit(fn)(*operands)
