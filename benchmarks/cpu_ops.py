@@ -29,6 +29,8 @@
 - a bf16 bias gradient as XLA's reduction and as lm's product with [8, N] ones
   (`bias_grad_bf16_*`; run with `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
   LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE`, lm's bf16 setting);
+- lm's GELU without a gradient over `--gelu_shape` (XLA's loop fusion, erf; the vector
+  width: `XLA_FLAGS=--xla_cpu_prefer_vector_width=256` against lm's default);
 - a kernel's gradient xᵀ g over the token axis (`--weight_grad_shape N in out`) as XLA
   compiles it (Eigen), on x already laid out [in, N] (YNNPACK) and through lm's
   transpose kernel (`weight_grad_*`, lm.models.custom_grads.weight_grad);
@@ -66,7 +68,8 @@ def best_ms(fn, *args, repeats: int) -> float:
 
 def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         attention_shape: tuple[int, int, int, int] = (12, 4, 64, 64),
-        weight_grad_shape: tuple[int, int, int] = (768, 128, 512)):
+        weight_grad_shape: tuple[int, int, int] = (768, 128, 512),
+        gelu_shape: tuple[int, int] = (4096, 512)):
     import jax
     import jax.numpy as jnp
 
@@ -166,8 +169,14 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     wg_g = jax.random.normal(jax.random.key(4), (n, d_out))
     wg_xt = wg_x.T.copy()
 
+    gelu_x = jax.random.normal(key, gelu_shape)
+
     return {
         **amx_ops,
+        # lm's exact GELU without a gradient (an XLA loop fusion with erf: the vector
+        # width flag's clearest case, `XLA_FLAGS=--xla_cpu_prefer_vector_width=256` against
+        # lm's 512 on AVX-512 CPUs)
+        "gelu": (custom_grads.gelu, (gelu_x,)),
         # a kernel's gradient xᵀ g over the token axis: as XLA gets it (Eigen), on an
         # operand already laid out [in, N] (YNNPACK), and lm's form (custom_grads.weight_grad)
         "weight_grad_2d": (lambda x, g: x.T @ g, (wg_x, wg_g)),
@@ -222,6 +231,8 @@ def main() -> None:
     p.add_argument("--attention_shape", type=int, nargs=4, default=[12, 4, 64, 64])
     p.add_argument("--weight_grad_shape", type=int, nargs=3, default=[768, 128, 512],
                    help="N in out: x [N, in], g [N, out] (char_lm:baby's MLP input)")
+    p.add_argument("--gelu_shape", type=int, nargs=2, default=[4096, 512],
+                   help="rows width (char_lm:baby's validation batch of 64 windows)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--ops", nargs="+", default=None, help="time only these ops (names above)")
     args = p.parse_args()
@@ -231,7 +242,8 @@ def main() -> None:
     for name, (fn, operands) in ops(args.vocab, args.rows, args.width,
                                     tuple(args.bias_shape),
                                     tuple(args.attention_shape),
-                                    tuple(args.weight_grad_shape)).items():
+                                    tuple(args.weight_grad_shape),
+                                    tuple(args.gelu_shape)).items():
         if args.ops and name not in args.ops:
             continue
         ms = best_ms(jax.jit(fn), *operands, repeats=args.repeats)

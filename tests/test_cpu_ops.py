@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import scipy.special
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,8 @@ def _module():
 
 def test_ops_compute_their_reference_values():
     ops = _module().ops(vocab=37, rows=6, width=5, bias_shape=(3, 3, 4),
-                        attention_shape=(2, 3, 4, 5), weight_grad_shape=(24, 5, 9))
+                        attention_shape=(2, 3, 4, 5), weight_grad_shape=(24, 5, 9),
+                        gelu_shape=(3, 7))
     (x,) = ops["row_max"][1]
     x = np.asarray(x, np.float64)
     want = {"row_max": x.max(-1), "row_sum": x.sum(-1)}
@@ -69,6 +71,9 @@ def test_ops_compute_their_reference_values():
     want["weight_grad_2d"] = want["weight_grad_pretransposed"] = wx.T @ wg
     if "weight_grad_kernel_transposed" in ops:  # where the CPU kernels are built
         want["weight_grad_kernel_transposed"] = wx.T @ wg
+    (gx,) = (np.asarray(a, np.float64) for a in ops["gelu"][1])
+    assert gx.shape == (3, 7)
+    want["gelu"] = gx * 0.5 * (1 + scipy.special.erf(gx / np.sqrt(2)))
     assert set(ops) == set(want)
     for name, (fn, operands) in ops.items():
         got = jax.jit(fn)(*operands)

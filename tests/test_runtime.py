@@ -30,6 +30,9 @@ def test_avx512_cpus_get_512_bit_vectors_unless_the_user_set_a_width():
     assert runtime.set_compute_dtype("bfloat16", env, started=False).endswith("INDIVIDUAL_DOT,"
                                                                              "LIBRARY_FUSION_TYPE_REDUCE")
     assert wide in env["XLA_FLAGS"].split() and wide in env["LM_XLA_ADDED"].split()
+    here = {}  # without `cpu`, this machine's /proc/cpuinfo decides
+    added = runtime.configure_xla(here, version="0.10.2")
+    assert (wide in added) == ("avx512f" in runtime.cpu_flags())
     mine = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}
     assert runtime.configure_xla(mine, version="0.10.2", cpu=["avx512f"]) == [FLAG]
     assert mine["XLA_FLAGS"] == f"--xla_cpu_prefer_vector_width=256 {FLAG}"

@@ -45,6 +45,17 @@ inline void Block8(const float* in, int64_t ld_in, float* out, int64_t ld_out) {
 #endif
 }
 
+// Input rows [r, r + N) (N a multiple of 8) into output columns [r, r + N): with N = 16
+// each output row gets 64 contiguous bytes (a cache line) per pass.
+template <int N>
+inline void Strip(const float* X, float* Y, int64_t rows, int64_t cols, int64_t r) {
+  const int64_t cols8 = cols / 8 * 8;
+  for (int64_t c = 0; c < cols8; c += 8)
+    for (int i = 0; i < N; i += 8) Block8(X + (r + i) * cols + c, cols, Y + c * rows + r + i, rows);
+  for (int64_t c = cols8; c < cols; ++c)
+    for (int64_t i = r; i < r + N; ++i) Y[c * rows + i] = X[i * cols + c];
+}
+
 ffi::Error TransposeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::ResultBuffer<ffi::F32> y) {
   const auto dims = x.dimensions();
@@ -52,24 +63,11 @@ ffi::Error TransposeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t rows = dims[0], cols = dims[1];
   const float* X = x.typed_data();
   float* Y = y->typed_data();
-  const int64_t cols8 = cols / 8 * 8;
   ParallelFor(pool, (rows + kStrip - 1) / kStrip, [&](int64_t task) {
-    const int64_t r0 = task * kStrip, r1 = std::min(rows, r0 + kStrip);
-    int64_t r = r0;
-    // 16 input rows at a time: each output row gets 64 contiguous bytes (a cache line)
-    for (; r + 16 <= r1; r += 16) {
-      for (int64_t c = 0; c < cols8; c += 8) {
-        Block8(X + r * cols + c, cols, Y + c * rows + r, rows);
-        Block8(X + (r + 8) * cols + c, cols, Y + c * rows + r + 8, rows);
-      }
-      for (int64_t c = cols8; c < cols; ++c)
-        for (int64_t i = r; i < r + 16; ++i) Y[c * rows + i] = X[i * cols + c];
-    }
-    for (; r + 8 <= r1; r += 8) {
-      for (int64_t c = 0; c < cols8; c += 8) Block8(X + r * cols + c, cols, Y + c * rows + r, rows);
-      for (int64_t c = cols8; c < cols; ++c)
-        for (int64_t i = r; i < r + 8; ++i) Y[c * rows + i] = X[i * cols + c];
-    }
+    const int64_t r1 = std::min(rows, (task + 1) * kStrip);
+    int64_t r = task * kStrip;
+    for (; r + 16 <= r1; r += 16) Strip<16>(X, Y, rows, cols, r);
+    for (; r + 8 <= r1; r += 8) Strip<8>(X, Y, rows, cols, r);
     for (; r < r1; ++r)
       for (int64_t c = 0; c < cols; ++c) Y[c * rows + r] = X[r * cols + c];
   });

@@ -198,37 +198,31 @@ def cross_entropy_sums(logits_BKV: jnp.ndarray, targets_BK: jnp.ndarray,
     correct = the target's logit is the largest (exact ties count). Rows of weight 0
     contribute nothing, whatever their logits (a non-finite logit there cannot leak).
 
-    Differentiable in the logits. On the CPU (fp32) one kernel computes both sums and the
-    gradient in one read of the logits, in the forward pass (the derivative of a summed
-    loss needs only its scalar cotangent); elsewhere XLA's softmax and autodiff."""
-    if ce_kernel.usable(logits_BKV):
-        return _kernel_sums(logits_BKV, targets_BK, weights_BK)
+    Differentiable in the logits, as one chunk of the fused loss: both sums and the
+    gradient are computed in the forward pass (the derivative of a summed loss needs only
+    its scalar cotangent), on the CPU by one kernel in one read of the logits."""
+    logits = logits_BKV.astype(jnp.float32)
     weights = weights_BK.astype(jnp.float32)
-    chosen = weights > 0
-    # the unchosen rows' logits replaced, not only weighted: 0 * inf is NaN, in the sums
-    # and in the softmax's gradient
-    logits = jnp.where(chosen[..., None], logits_BKV.astype(jnp.float32), 0.0)
-    ce_BK = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BK)
-    target_BK = jnp.take_along_axis(logits, targets_BK[..., None], -1)[..., 0]
-    correct_BK = (target_BK >= logits.max(-1)).astype(jnp.float32)
-    return ((ce_BK * weights).sum(), jax.lax.stop_gradient((correct_BK * weights).sum()))
+    if not ce_kernel.usable(logits):  # the kernel skips rows of weight 0 itself
+        # replaced, not only weighted: 0 * inf is NaN, in the sums and in the gradient
+        logits = jnp.where(weights[..., None] > 0, logits, 0.0)
+    return _summed_loss(logits, targets_BK, weights)
 
 
 @jax.custom_vjp
-def _kernel_sums(logits_BKV, targets_BK, weights_BK):
-    loss_BK, correct_BK = ce_kernel.stats(logits_BKV, targets_BK, weights_BK)
-    return loss_BK.sum(), correct_BK.sum()
+def _summed_loss(logits_BKV, targets_BK, weights_BK):
+    return _chunk_loss(logits_BKV, targets_BK, weights_BK)
 
 
-def _kernel_sums_fwd(logits_BKV, targets_BK, weights_BK):
+def _summed_loss_fwd(logits_BKV, targets_BK, weights_BK):
     loss, correct, dlogits_BKV = _chunk_loss_and_grad(logits_BKV, targets_BK, weights_BK,
                                                       jnp.float32)
-    return (loss, correct), (dlogits_BKV, None, None)
+    return (loss, correct), dlogits_BKV
 
 
-def _kernel_sums_bwd(residuals, cotangents):
-    dlogits_BKV, _, _ = residuals
-    return cotangents[0] * dlogits_BKV, None, None  # the weights are data, not differentiated
+def _summed_loss_bwd(dlogits_BKV, cotangents):
+    # the correct count is not differentiable; the weights are data
+    return cotangents[0] * dlogits_BKV, None, None
 
 
-_kernel_sums.defvjp(_kernel_sums_fwd, _kernel_sums_bwd)
+_summed_loss.defvjp(_summed_loss_fwd, _summed_loss_bwd)
