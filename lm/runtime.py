@@ -35,7 +35,8 @@ from collections.abc import MutableMapping
 YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 CPU_FLAGS = {YNN_FLAG: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 # On CPUs with AVX-512, XLA's own loops (elementwise fusions: the GELU's erf, exp) in
-# 512-bit vectors instead of the default 256: a [4096, 512] GELU 0.69 -> 0.46 ms; the
+# 512-bit vectors instead of the default 256: a [4096, 512] GELU 0.47 -> 0.34 ms
+# (`benchmarks/cpu_ops.py --ops gelu`, README); the
 # `char_lm:baby` step 1.018x, its validation batch 1.036x, BERT 1.017x, GPT fp32 1.022x,
 # GPT bf16 even (benchmarks/ab.py, every pair faster in the first three).
 VECTOR_FLAG = "xla_cpu_prefer_vector_width"
