@@ -56,7 +56,17 @@ constexpr int kRows = 4;  // query rows per block: 4 x 2 vector accumulators in 
 // s of the head starts at X + stride * s (X: the head's first key).
 void PackHead(const Dims& d, const float* X, int64_t stride, bool transposed, float* tile,
               int64_t sp, int64_t kp) {
-  for (int64_t s = 0; s < d.s; ++s) {
+  int64_t s = 0;
+  if (transposed) {  // 8 keys x 8 features at a time through registers
+    const int64_t k8 = d.k / 8 * 8;
+    for (; s + 8 <= d.s; s += 8) {
+      for (int64_t c = 0; c < k8; c += 8)
+        Transpose8x8(X + stride * s + c, stride, tile + c * sp + s, sp);
+      for (int64_t c = k8; c < d.k; ++c)
+        for (int64_t i = s; i < s + 8; ++i) tile[c * sp + i] = X[stride * i + c];
+    }
+  }
+  for (; s < d.s; ++s) {
     const float* xs = X + stride * s;
     if (transposed) {
       for (int64_t c = 0; c < d.k; ++c) tile[c * sp + s] = xs[c];
@@ -75,13 +85,16 @@ void PackHead(const Dims& d, const float* X, int64_t stride, bool transposed, fl
 
 // Column ranges [lo, hi) below are multiples of kLanes inside buffers padded to sp.
 
-// out[r][j] = sum_{t in [t0, t1)} a[r][t] * b[t][j] for kRows rows and the columns j in
-// [j0, j1) (multiples of kLanes), with kRows x N vectors of accumulators in registers
-// (N = 2: eight independent FMA chains, enough to hide the FMA latency; N = 1 for an odd
-// tail). Rows of a, b and out are a_stride, b_stride and out_stride floats apart.
+// out[r][j] = scale[r] sum_{t in [t0, t1)} a[r][t] * b[t][j] for kRows rows and the
+// columns j in [j0, j1) (multiples of kLanes), with kRows x N vectors of accumulators in
+// registers (N = 2: eight independent FMA chains, enough to hide the FMA latency; N = 4 for
+// a whole 64-key row with AVX-512; N = 1 for an odd tail). Rows of a, b and out are
+// a_stride, b_stride and out_stride floats apart; only the first `rows` rows are stored,
+// each times scale[r] (no scaling when `scale` is null).
 template <int N>
 inline void BlockProductN(const float* a, int64_t a_stride, const float* b, int64_t b_stride,
-                          int64_t t0, int64_t t1, int64_t j, float* out, int64_t out_stride) {
+                          int64_t t0, int64_t t1, int64_t j, float* out, int64_t out_stride,
+                          const float* scale, int64_t rows) {
   vf acc[kRows][N] = {};
   for (int64_t t = t0; t < t1; ++t) {
     vf col[N];
@@ -91,17 +104,24 @@ inline void BlockProductN(const float* a, int64_t a_stride, const float* b, int6
       for (int n = 0; n < N; ++n) acc[r][n] += x * col[n];
     }
   }
-  for (int r = 0; r < kRows; ++r)
-    for (int n = 0; n < N; ++n) Store(out + r * out_stride + j + n * kLanes, acc[r][n]);
+  for (int r = 0; r < kRows; ++r) {
+    if (r >= rows) break;
+    for (int n = 0; n < N; ++n)
+      Store(out + r * out_stride + j + n * kLanes, scale ? acc[r][n] * scale[r] : acc[r][n]);
+  }
 }
 
 inline void BlockProduct(const float* a, int64_t a_stride, const float* b, int64_t b_stride,
                          int64_t t0, int64_t t1, int64_t j0, int64_t j1, float* out,
-                         int64_t out_stride) {
+                         int64_t out_stride, const float* scale = nullptr,
+                         int64_t rows = kRows) {
   int64_t j = j0;
+  if (kLanes == 16)  // 16 accumulators + 4 columns fit AVX-512's 32 registers, not AVX2's 16
+    for (; j + 4 * kLanes <= j1; j += 4 * kLanes)
+      BlockProductN<4>(a, a_stride, b, b_stride, t0, t1, j, out, out_stride, scale, rows);
   for (; j + 2 * kLanes <= j1; j += 2 * kLanes)
-    BlockProductN<2>(a, a_stride, b, b_stride, t0, t1, j, out, out_stride);
-  if (j < j1) BlockProductN<1>(a, a_stride, b, b_stride, t0, t1, j, out, out_stride);
+    BlockProductN<2>(a, a_stride, b, b_stride, t0, t1, j, out, out_stride, scale, rows);
+  if (j < j1) BlockProductN<1>(a, a_stride, b, b_stride, t0, t1, j, out, out_stride, scale, rows);
 }
 
 // out[r][lo..hi) = sum_c a[r][c] * bt[c][lo..hi) (a: [kRows, kp], bt: [kp, sp]): logits.
@@ -110,10 +130,11 @@ inline void RowsTimesColumns(const float* a, int64_t kp, const float* bt, int64_
   BlockProduct(a, kp, bt, sp, 0, kp, lo, hi, out, sp);
 }
 
-// out[r][0..kp) = sum_{s in [lo, hi)} w[r][s] * rows[s][0..kp) (w: [kRows, sp]).
-inline void WeightsTimesRows(const float* w, int64_t sp, const float* rows, int64_t kp,
-                             int64_t lo, int64_t hi, float* out) {
-  BlockProduct(w, sp, rows, kp, lo, hi, 0, kp, out, kp);
+// out[r][0..kp) = sum_{s in [lo, hi)} w[r][s] * rows[s][0..kp) (w: [kRows, sp], rows
+// `stride` floats apart).
+inline void WeightsTimesRows(const float* w, int64_t sp, const float* rows, int64_t stride,
+                             int64_t kp, int64_t lo, int64_t hi, float* out) {
+  BlockProduct(w, sp, rows, stride, lo, hi, 0, kp, out, kp);
 }
 
 // acc[s][0..kp) += sum_r w[r][s] * x[r][0..kp) for s in [lo, hi) (the transposed products
@@ -172,7 +193,22 @@ std::vector<int32_t> AllowedRanges(const Dims& d, const uint8_t* allowed) {
   for (int64_t row = 0; row < d.b * d.l; ++row) {
     const uint8_t* m = allowed + row * d.s;
     int64_t a = 0, z = d.s;
+    uint64_t word;  // 8 mask bytes at a time (little-endian: byte i is bits 8i..8i+7)
+    for (; a + 8 <= z; a += 8) {
+      std::memcpy(&word, m + a, 8);
+      if (word) {
+        a += __builtin_ctzll(word) / 8;
+        break;
+      }
+    }
     while (a < z && !m[a]) ++a;
+    for (; z - 8 >= a; z -= 8) {
+      std::memcpy(&word, m + z - 8, 8);
+      if (word) {
+        z -= __builtin_clzll(word) / 8;
+        break;
+      }
+    }
     while (z > a && !m[z - 1]) --z;
     ranges[2 * row] = static_cast<int32_t>(a);
     ranges[2 * row + 1] = static_cast<int32_t>(z);
@@ -198,11 +234,11 @@ inline vi Allowed(const uint8_t* m) {
 #endif
 }
 
-// exp(logit - row max) over each row's allowed keys in p[r][lo..hi) (0 elsewhere), the
+// exp(scale logit - row max) over each row's allowed keys in p[r][lo..hi) (0 elsewhere), the
 // kRows rows interleaved (independent dependency chains); inv[r] = 1 / the row's sum (0
 // for a row with no allowed key). The caller normalises (rows of p and of p v).
 inline void MaskedExp(float* p, const uint8_t* const* mask, int64_t sp, int64_t lo, int64_t hi,
-                      float* inv) {
+                      float scale, float* inv) {
   vf mx[kRows], sum[kRows];
   for (int r = 0; r < kRows; ++r) {
     mx[r] = Splat(-3.0e38f);
@@ -210,7 +246,7 @@ inline void MaskedExp(float* p, const uint8_t* const* mask, int64_t sp, int64_t 
   }
   for (int64_t s = lo; s < hi; s += kLanes)
     for (int r = 0; r < kRows; ++r) {
-      const vf x = Allowed(mask[r] + s) ? Load(p + r * sp + s) : Splat(-3.0e38f);
+      const vf x = Allowed(mask[r] + s) ? Load(p + r * sp + s) * scale : Splat(-3.0e38f);
       mx[r] = x > mx[r] ? x : mx[r];
     }
   float top[kRows];
@@ -218,7 +254,7 @@ inline void MaskedExp(float* p, const uint8_t* const* mask, int64_t sp, int64_t 
   for (int64_t s = lo; s < hi; s += kLanes)
     for (int r = 0; r < kRows; ++r) {
       float* x = p + r * sp + s;
-      const vf e = Allowed(mask[r] + s) ? ExpNonPositive(Load(x) - top[r]) : Splat(0.0f);
+      const vf e = Allowed(mask[r] + s) ? ExpNonPositive(Load(x) * scale - top[r]) : Splat(0.0f);
       Store(x, e);
       sum[r] += e;
     }
@@ -235,11 +271,15 @@ inline float Dot(const float* x, const float* y, int64_t lo, int64_t hi) {
 }
 
 // The forward pass; the probabilities are written to P unless it is null (no gradient).
+// Where the head width is a multiple of kLanes (no padding), query rows and values are
+// read in place and each output row is written straight from the registers; the logits
+// are scaled inside the softmax.
 void Forward(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, const float* Q,
              const float* K, const float* V, ffi::Buffer<ffi::PRED>& allowed, float scale,
              float* O, float* P) {
   const uint8_t* A = reinterpret_cast<const uint8_t*>(allowed.typed_data());
   const int64_t r = d.h / d.g, sp = RoundUp(d.s), kp = RoundUp(d.k);
+  const bool in_place = kp == d.k;
   const std::vector<int32_t> ranges = AllowedRanges(d, A);
   ParallelFor(pool, d.b * d.h, [&](int64_t task) {
     const int64_t b = task / d.h, h = task % d.h;
@@ -250,32 +290,61 @@ void Forward(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, const floa
     float* o = Scratch(4, kRows * kp);
     uint8_t* mask = reinterpret_cast<uint8_t*>(Scratch(5, kRows * sp / 4));  // bytes
     PackHead(d, K + lay.K(d, b, 0, h / r), lay.kc * d.k, true, kt, sp, kp);
-    PackHead(d, V + lay.V(d, b, 0, h / r), lay.vc * d.k, false, vv, sp, kp);
-    std::fill(qs, qs + kRows * kp, 0.0f);
+    const float* values = vv;
+    int64_t v_stride = kp;
+    if (in_place) {
+      values = V + lay.V(d, b, 0, h / r);
+      v_stride = lay.vc * d.k;
+    } else {
+      PackHead(d, V + lay.V(d, b, 0, h / r), lay.vc * d.k, false, vv, sp, kp);
+    }
+    const int64_t q_stride = lay.qc * d.k, o_stride = d.h * d.k;
     for (int64_t i0 = 0; i0 < d.l; i0 += kRows) {
       const RowBlock blk(d, A, ranges.data(), b, i0, sp, mask);
-      for (int64_t j = 0; j < blk.rows; ++j) {
-        const float* qj = Q + lay.Q(d, b, i0 + j, h);
-        for (int64_t c = 0; c < d.k; ++c) qs[j * kp + c] = qj[c] * scale;
+      float* out = O + ((b * d.l + i0) * d.h + h) * d.k;
+      if (blk.lo >= blk.hi) {  // no allowed key in the block: zeros
+        for (int64_t j = 0; j < blk.rows; ++j)
+          std::fill(out + j * o_stride, out + j * o_stride + d.k, 0.0f);
+        if (P != nullptr)
+          for (int64_t j = 0; j < blk.rows; ++j) {
+            float* pj = P + ((b * d.h + h) * d.l + i0 + j) * d.s;
+            std::fill(pj, pj + d.s, 0.0f);
+          }
+        continue;
       }
-      std::fill(qs + blk.rows * kp, qs + kRows * kp, 0.0f);
-      float inv[kRows] = {};
-      if (blk.lo < blk.hi) {
-        RowsTimesColumns(qs, kp, kt, sp, blk.lo, blk.hi, p);
-        MaskedExp(p, blk.mask, sp, blk.lo, blk.hi, inv);
-        WeightsTimesRows(p, sp, vv, kp, blk.lo, blk.hi, o);
+      const float* qrows = Q + lay.Q(d, b, i0, h);
+      int64_t qr_stride = q_stride;
+      if (!in_place || blk.rows < kRows) {  // a zero-padded copy
+        for (int64_t j = 0; j < kRows; ++j) {
+          float* qj = qs + j * kp;
+          if (j < blk.rows) std::memcpy(qj, qrows + j * q_stride, d.k * sizeof(float));
+          else std::fill(qj, qj + d.k, 0.0f);
+          std::fill(qj + d.k, qj + kp, 0.0f);
+        }
+        qrows = qs;
+        qr_stride = kp;
       }
+      float inv[kRows];
+      BlockProduct(qrows, qr_stride, kt, sp, 0, kp, blk.lo, blk.hi, p, sp);
+      MaskedExp(p, blk.mask, sp, blk.lo, blk.hi, scale, inv);
+      if (in_place) {
+        BlockProduct(p, sp, values, v_stride, blk.lo, blk.hi, 0, kp, out, o_stride, inv, blk.rows);
+      } else {
+        WeightsTimesRows(p, sp, values, v_stride, kp, blk.lo, blk.hi, o);
+        for (int64_t j = 0; j < blk.rows; ++j)
+          for (int64_t c = 0; c < d.k; ++c) out[j * o_stride + c] = o[j * kp + c] * inv[j];
+      }
+      if (P == nullptr) continue;
       const int64_t lo = std::min(blk.lo, d.s), hi = std::max(lo, std::min(blk.hi, d.s));
       for (int64_t j = 0; j < blk.rows; ++j) {
-        if (P != nullptr) {
-          float* pj = P + ((b * d.h + h) * d.l + i0 + j) * d.s;
-          const float* src = p + j * sp;
-          std::fill(pj, pj + lo, 0.0f);
-          for (int64_t s = lo; s < hi; ++s) pj[s] = src[s] * inv[j];
-          std::fill(pj + hi, pj + d.s, 0.0f);
-        }
-        float* oj = O + ((b * d.l + i0 + j) * d.h + h) * d.k;
-        for (int64_t c = 0; c < d.k; ++c) oj[c] = o[j * kp + c] * inv[j];
+        float* pj = P + ((b * d.h + h) * d.l + i0 + j) * d.s;
+        const float* src = p + j * sp;
+        std::fill(pj, pj + lo, 0.0f);
+        int64_t s = lo;
+        const vf w = Splat(inv[j]);
+        for (; s + kLanes <= hi; s += kLanes) Store(pj + s, Load(src + s) * w);
+        for (; s < hi; ++s) pj[s] = src[s] * inv[j];
+        std::fill(pj + hi, pj + d.s, 0.0f);
       }
     }
   });
@@ -383,7 +452,7 @@ void Backward(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, const flo
             for (int64_t s = blk.lo; s < blk.hi; s += kLanes)
               Store(dsj + s, Load(pj + s) * (Load(dsj + s) - dot) * scale);
           }
-          WeightsTimesRows(ds, sp, kk, kp, blk.lo, blk.hi, dqs);
+          WeightsTimesRows(ds, sp, kk, kp, kp, blk.lo, blk.hi, dqs);
           AccumulateTransposed(ds, sp, qs, kp, blk.lo, blk.hi, dk_acc);
           AccumulateTransposed(p, sp, dos, kp, blk.lo, blk.hi, dv_acc);
         } else {

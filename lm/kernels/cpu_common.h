@@ -1,6 +1,7 @@
 // Shared pieces of lm's CPU kernels (lm/kernels/*_cpu.cc): one register of floats as a
 // GCC/Clang vector, a vectorised exp, horizontal reductions, bf16 rounding, a row's max and
-// sum of exponentials, scratch buffers and a parallel loop over XLA's intra-op thread pool.
+// sum of exponentials, an 8 x 8 transpose, scratch buffers and a parallel loop over XLA's
+// intra-op thread pool.
 
 #pragma once
 
@@ -181,6 +182,31 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> 
   while (tasks->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+
+// out[c][r] = in[r][c] for r, c in [0, 8), through AVX registers (unpack, shuffle, permute).
+inline void Transpose8x8(const float* in, int64_t ld_in, float* out, int64_t ld_out) {
+#if defined(__AVX2__)
+  __m256 r[8], t[8], s[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ld_in);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    s[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + i * ld_out, _mm256_permute2f128_ps(s[i], s[i + 4], 0x20));
+    _mm256_storeu_ps(out + (i + 4) * ld_out, _mm256_permute2f128_ps(s[i], s[i + 4], 0x31));
+  }
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) out[j * ld_out + i] = in[i * ld_in + j];
+#endif
+}
 
 // Scratch buffers of the calling thread, reused across tasks and calls (no allocation or
 // zero-filling per task).
