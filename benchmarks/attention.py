@@ -10,6 +10,11 @@ for the compiled computation.
     python benchmarks/attention.py [--lengths 128,256,512,1024,2048] [--repeats 5]
     python benchmarks/attention.py --impls einsum_xla,einsum --lengths 64 --batch 12 \
         --heads 4 --head_dim 32 --repeats 50        # char_lm:baby's attention, per layer
+    python benchmarks/attention.py --forward_only --impls einsum --lengths 64 --batch 64 \
+        --heads 4 --head_dim 32 --repeats 200       # its 64-window validation batch
+
+`--forward_only` times the output alone (no gradient: the kernel's inference form, as in
+evaluation and decoding).
 """
 
 from __future__ import annotations
@@ -22,19 +27,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import runtime
 from lm.kernels import build
 from lm.models import masks
 from lm.models.attention import dot_product_attention
 
 
-def make_fn(impl: str):
+def make_fn(impl: str, forward_only: bool = False):
     kernel_off = impl == "einsum_xla"
     impl = "einsum" if kernel_off else impl
 
     def loss(q, k, v, mask):
         return jnp.sum(dot_product_attention(q, k, v, mask, impl=impl).astype(jnp.float32) ** 2)
 
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    fn = jax.jit(loss if forward_only else jax.value_and_grad(loss, argnums=(0, 1, 2)))
     if not kernel_off:
         return fn
 
@@ -46,14 +52,15 @@ def make_fn(impl: str):
     return KernelOff()
 
 
-def bench(impl: str, length: int, batch: int, heads: int, head_dim: int, dtype, repeats: int):
+def bench(impl: str, length: int, batch: int, heads: int, head_dim: int, dtype, repeats: int,
+          forward_only: bool = False):
     rng = np.random.default_rng(0)
     shape = (batch, length, heads, head_dim)
     q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
     seg = jnp.ones((batch, length), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(length), (batch, length))
     mask = masks.self_mask(seg, pos, causal=True).replace(packed=False)
-    fn = make_fn(impl)
+    fn = make_fn(impl, forward_only)
     compiled = fn.lower(q, k, v, mask).compile()
     mem = compiled.memory_analysis()
     peak = getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "output_size_in_bytes", 0)
@@ -64,11 +71,13 @@ def bench(impl: str, length: int, batch: int, heads: int, head_dim: int, dtype, 
         jax.block_until_ready(compiled(q, k, v, mask))
         times.append(time.perf_counter() - t0)
     ms = 1e3 * float(np.median(times))
-    flops = 3 * 4 * batch * heads * length * length * head_dim
-    return {"what": "attention_fwd_bwd", "impl": impl, "L": length, "B": batch, "H": heads,
-            "K": head_dim, "dtype": jnp.dtype(dtype).name, "ms": round(ms, 3),
+    flops = (1 if forward_only else 3) * 4 * batch * heads * length * length * head_dim
+    what = "attention_fwd" if forward_only else "attention_fwd_bwd"
+    return {"what": what, "impl": impl, "L": length, "B": batch, "H": heads, "K": head_dim,
+            "dtype": jnp.dtype(dtype).name, "ms": round(ms, 3),
             "gflops_per_s": round(flops / (ms / 1e3) / 1e9, 2),
-            "peak_mem_mb": round(peak / 2**20, 2), "device": jax.devices()[0].device_kind}
+            "peak_mem_mb": round(peak / 2**20, 2), "device": jax.devices()[0].device_kind,
+            "cpu_flags": runtime.cpu_flags()}
 
 
 def main() -> None:
@@ -80,11 +89,13 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--impls", default="einsum,xla")
+    p.add_argument("--forward_only", action="store_true", help="no gradient (inference form)")
     args = p.parse_args()
     for length in map(int, args.lengths.split(",")):
         for impl in args.impls.split(","):  # alternate A B at every length
             print(json.dumps(bench(impl, length, args.batch, args.heads, args.head_dim,
-                                   jnp.dtype(args.dtype), args.repeats)), flush=True)
+                                   jnp.dtype(args.dtype), args.repeats, args.forward_only)),
+                  flush=True)
 
 
 if __name__ == "__main__":
