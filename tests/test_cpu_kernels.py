@@ -58,6 +58,10 @@ CASES = [  # (mask kind, length, query heads, key/value heads, head size)
     ("packed_causal", 17, 3, 3, 16),
     ("prefix_lm", 33, 4, 1, 40),
     ("none", 16, 2, 2, 64),
+    # K and L multiples of 16: the backward pass reading every row in place
+    ("bidirectional_padding", 32, 4, 2, 16),  # grouped heads, padded rows
+    ("packed_causal", 48, 4, 1, 32),  # one key/value head for four query heads
+    ("prefix_lm", 16, 2, 2, 48),
 ]
 
 
@@ -119,6 +123,40 @@ def test_packed_kernel_equals_the_kernel_on_the_three_parts(kind, length, heads,
     np.testing.assert_array_equal(grad, ref)
     train_out, _ = jax.vjp(jax.jit(packed), qkv)  # probabilities saved: the same values
     np.testing.assert_array_equal(train_out, jax.jit(packed)(qkv))
+
+@pytest.mark.parametrize("length,keys,k", [(18, 32, 16), (7, 16, 32), (21, 20, 8)])
+def test_cross_attention_lengths_against_a_softmax_reference(length, keys, k):
+    """L != S (a last, partial block of query rows; keys read in place or padded), grouped
+    heads, a random mask with rows that allow no key: outputs and all three gradients."""
+    b, heads, kv_heads = 2, 4, 2
+    q = _normal(0, (b, length, heads, k))
+    key, v = _normal(1, (b, keys, kv_heads, k)), _normal(2, (b, keys, kv_heads, k))
+    allowed = jnp.asarray(np.random.default_rng(3).random((b, length, keys)) < 0.6)
+    allowed = allowed.at[1, 2].set(False)
+    weights = _normal(4, (b, length, heads, k))
+    scale = k ** -0.5
+
+    def reference(q, key, v):
+        rep = heads // kv_heads
+        kk, vv = jnp.repeat(key, rep, axis=2), jnp.repeat(v, rep, axis=2)
+        logits = jnp.einsum("blhk,bshk->bhls", q, kk) * scale
+        ok = allowed[:, None]
+        p = jax.nn.softmax(jnp.where(ok, logits, -jnp.inf), axis=-1)
+        p = jnp.where(ok.any(-1, keepdims=True), p, 0.0)
+        return jnp.einsum("bhls,bshk->blhk", p, vv)
+
+    def ours(q, key, v):
+        return kernel.attention(q, key, v, allowed, scale)
+
+    np.testing.assert_allclose(jax.jit(ours)(q, key, v), reference(q, key, v), rtol=1e-5,
+                               atol=2e-6)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * weights), argnums=(0, 1, 2)))(
+        q, key, v)
+    refs = jax.grad(lambda *a: jnp.sum(reference(*a) * weights), argnums=(0, 1, 2))(q, key, v)
+    for g, r in zip(grads, refs, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(grads[0][1, 2], 0.0)
+
 
 def test_rows_without_an_allowed_key_are_zero_and_carry_no_gradient():
     b, length, h, k = 1, 16, 2, 16

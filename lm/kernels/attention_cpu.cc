@@ -397,11 +397,133 @@ ffi::Error PackedInferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   return ffi::Error::Success();
 }
 
+// [rows, cols] (row stride ld_src) -> [cols, rows] (row stride ld_dst): 8 x 8 blocks in
+// registers, the edges element by element.
+void TransposeTile(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
+                   int64_t ld_dst) {
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int64_t i = 0; i < r8; i += 8)
+    for (int64_t c = 0; c < c8; c += 8)
+      Transpose8x8(src + i * ld_src + c, ld_src, dst + c * ld_dst + i, ld_dst);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = i < r8 ? c8 : 0; c < cols; ++c) dst[c * ld_dst + i] = src[i * ld_src + c];
+}
+
+// out_t[c][s] += sum_{i in [i0, i1)} w[i][s] x[i][c] for the kLanes keys s from s0 and the
+// F features c from c0: one vector of keys per feature in registers, w's rows read as
+// vectors and x's elements broadcast (the transposed products behind dK and dV, without
+// transposing dS or P).
+template <int F>
+inline void ColumnProduct(const float* w, int64_t w_stride, const float* x, int64_t x_stride,
+                          int64_t i0, int64_t i1, int64_t s0, int64_t c0, float* out_t,
+                          int64_t out_stride) {
+  vf acc[F];
+  for (int f = 0; f < F; ++f) acc[f] = Load(out_t + (c0 + f) * out_stride + s0);
+  for (int64_t i = i0; i < i1; ++i) {
+    const vf wv = Load(w + i * w_stride + s0);
+    const float* xi = x + i * x_stride + c0;
+    for (int f = 0; f < F; ++f) acc[f] += xi[f] * wv;
+  }
+  for (int f = 0; f < F; ++f) Store(out_t + (c0 + f) * out_stride + s0, acc[f]);
+}
+
+// The backward pass where neither the head width nor the key count needs padding (both
+// multiples of kLanes): every row is read where it lies. Per (row, key/value head) and
+// each of its query heads, by blocks of kRows query rows: dP = dO Vᵀ, dS = P (dP -
+// rowsum(P dP)) scale (kept for the whole head), dQ = dS K written straight to DQ; then
+// dKᵀ += dSᵀ Q and dVᵀ += Pᵀ dO by vectors of kLanes keys, each only over the query rows
+// from the first one that attends to it; dK and dV transposed into place once.
+void BackwardInPlace(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, const float* Q,
+                     const float* K, const float* V, const uint8_t* A, const float* P,
+                     const float* DO, float scale, float* DQ, float* DK, float* DV) {
+  constexpr int F = kLanes;  // features per ColumnProduct: F + 1 vectors in registers
+  const int64_t r = d.h / d.g, sp = d.s, kp = d.k, lp = (d.l + kRows - 1) / kRows * kRows;
+  const std::vector<int32_t> ranges = AllowedRanges(d, A);
+  ParallelFor(pool, d.b * d.g, [&](int64_t task) {
+    const int64_t b = task / d.g, g = task % d.g;
+    float* vt = Scratch(0, kp * sp);
+    float* dk_t = Scratch(1, kp * sp);
+    float* dv_t = Scratch(2, kp * sp);
+    float* ds_all = Scratch(3, lp * sp);
+    float* dos = Scratch(4, kRows * kp);
+    float* p = Scratch(5, kRows * sp);
+    uint8_t* mask = reinterpret_cast<uint8_t*>(Scratch(9, kRows * sp / 4));  // bytes
+    PackHead(d, V + lay.V(d, b, 0, g), lay.vc * d.k, true, vt, sp, kp);
+    const float* krows = K + lay.K(d, b, 0, g);
+    const int64_t k_stride = lay.kc * d.k, q_stride = lay.qc * d.k, do_stride = d.h * d.k;
+    std::fill(dk_t, dk_t + kp * sp, 0.0f);
+    std::fill(dv_t, dv_t + kp * sp, 0.0f);
+    // The first query row attending to each vector of keys (the same for every head).
+    std::vector<int64_t> first_row(sp / kLanes, d.l);
+    for (int64_t i0 = 0; i0 < d.l; i0 += kRows) {
+      const RowBlock blk(d, A, ranges.data(), b, i0, sp, mask);
+      for (int64_t s0 = blk.lo; s0 < blk.hi; s0 += kLanes)
+        first_row[s0 / kLanes] = std::min(first_row[s0 / kLanes], i0);
+    }
+    for (int64_t h = g * r; h < (g + 1) * r; ++h) {
+      const float* p_head = P + (b * d.h + h) * d.l * d.s;
+      const float* do_head = DO + (b * d.l * d.h + h) * d.k;
+      for (int64_t i0 = 0; i0 < d.l; i0 += kRows) {
+        const RowBlock blk(d, A, ranges.data(), b, i0, sp, mask);
+        float* ds = ds_all + i0 * sp;
+        float* dq = DQ + lay.Q(d, b, i0, h);
+        if (blk.lo >= blk.hi) {  // no allowed key: dS and dQ zero
+          std::fill(ds, ds + kRows * sp, 0.0f);
+          for (int64_t j = 0; j < blk.rows; ++j)
+            std::fill(dq + j * q_stride, dq + j * q_stride + d.k, 0.0f);
+          continue;
+        }
+        const float* do_rows = do_head + i0 * do_stride;
+        const float* p_rows = p_head + i0 * d.s;
+        int64_t dr_stride = do_stride;
+        if (blk.rows < kRows) {  // the last, partial block: zero-padded copies
+          for (int64_t j = 0; j < kRows; ++j) {
+            if (j < blk.rows) {
+              std::memcpy(dos + j * kp, do_rows + j * do_stride, kp * sizeof(float));
+              std::memcpy(p + j * sp, p_rows + j * d.s, sp * sizeof(float));
+            } else {
+              std::fill(dos + j * kp, dos + (j + 1) * kp, 0.0f);
+              std::fill(p + j * sp, p + (j + 1) * sp, 0.0f);
+            }
+          }
+          do_rows = dos;
+          dr_stride = kp;
+          p_rows = p;
+        }
+        BlockProduct(do_rows, dr_stride, vt, sp, 0, kp, blk.lo, blk.hi, ds, sp);
+        for (int j = 0; j < kRows; ++j) {
+          float* dsj = ds + j * sp;
+          const float* pj = p_rows + j * sp;
+          const float dot = Dot(pj, dsj, blk.lo, blk.hi);
+          for (int64_t s = blk.lo; s < blk.hi; s += kLanes)
+            Store(dsj + s, Load(pj + s) * (Load(dsj + s) - dot) * scale);
+          std::fill(dsj, dsj + blk.lo, 0.0f);
+          std::fill(dsj + blk.hi, dsj + sp, 0.0f);
+        }
+        BlockProduct(ds, sp, krows, k_stride, blk.lo, blk.hi, 0, kp, dq, q_stride, nullptr,
+                     blk.rows);
+      }
+      const float* q_head = Q + lay.Q(d, b, 0, h);
+      for (int64_t s0 = 0; s0 < sp; s0 += kLanes) {
+        const int64_t i0 = first_row[s0 / kLanes];
+        for (int64_t c0 = 0; c0 < kp && i0 < d.l; c0 += F) {
+          ColumnProduct<F>(ds_all, sp, q_head, q_stride, i0, d.l, s0, c0, dk_t, sp);
+          ColumnProduct<F>(p_head, d.s, do_head, do_stride, i0, d.l, s0, c0, dv_t, sp);
+        }
+      }
+    }
+    TransposeTile(dk_t, sp, d.k, d.s, DK + lay.K(d, b, 0, g), lay.kc * d.k);
+    TransposeTile(dv_t, sp, d.k, d.s, DV + lay.V(d, b, 0, g), lay.vc * d.k);
+  });
+}
+
 // The gradients of q, k and v, written in `lay` like their inputs (every element once).
 void Backward(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, const float* Q,
               const float* K, const float* V, ffi::Buffer<ffi::PRED>& allowed, const float* P,
               const float* DO, float scale, float* DQ, float* DK, float* DV) {
   const uint8_t* A = reinterpret_cast<const uint8_t*>(allowed.typed_data());
+  if (d.k % kLanes == 0 && d.s % kLanes == 0 && d.s > 0)
+    return BackwardInPlace(pool, d, lay, Q, K, V, A, P, DO, scale, DQ, DK, DV);
   const int64_t r = d.h / d.g, sp = RoundUp(d.s), kp = RoundUp(d.k);
   const std::vector<int32_t> ranges = AllowedRanges(d, A);
   ParallelFor(pool, d.b * d.g, [&](int64_t task) {
