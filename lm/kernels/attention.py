@@ -1,4 +1,5 @@
-"""Attention as a C++ kernel on the CPU (`attention_cpu.cc`), with its backward pass.
+"""Attention as a C++ kernel on the CPU (`attention_cpu.cc`; the backward pass in
+`attention_bwd_cpu.cc`), differentiable.
 
 XLA:CPU compiles the attention core of a small model (`char_lm:baby`: 48 heads of 64 x 64
 per layer) into ~25 operations per layer and step: transposed copies of q, k and v,
