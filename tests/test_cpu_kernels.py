@@ -158,6 +158,32 @@ def test_cross_attention_lengths_against_a_softmax_reference(length, keys, k):
     np.testing.assert_array_equal(grads[0][1, 2], 0.0)
 
 
+@pytest.mark.parametrize("length,k", [(17, 16), (12, 16), (20, 32), (16, 16)])
+def test_keys_past_the_end_are_never_read(length, k):
+    """Batch row 1 is NaN and masked out entirely; row 0's keys padded up to a whole vector
+    must not reach into it (0 x NaN would poison row 0): row 0's outputs and gradients
+    equal those of row 0 alone, with the head width in place and the key count not."""
+    b, heads = 2, 2
+    qkv = _normal(0, (b, length, 3 * heads, k)).at[1].set(jnp.nan)
+    allowed = jnp.tril(jnp.ones((length, length), bool))[None].repeat(b, 0).at[1].set(False)
+    weights = _normal(1, (b, length, heads, k))
+
+    def run(x, m):
+        out = kernel.attention_packed(x, m, k ** -0.5, heads)
+        grad = jax.grad(lambda y: jnp.sum(kernel.attention_packed(y, m, k ** -0.5, heads)
+                                          * weights[: y.shape[0]]))(x)
+        return out, grad
+
+    out, grad = jax.jit(run)(qkv, allowed)
+    alone_out, alone_grad = jax.jit(run)(qkv[:1], allowed[:1])
+    np.testing.assert_array_equal(out[0], alone_out[0])
+    np.testing.assert_array_equal(grad[0], alone_grad[0])
+    np.testing.assert_array_equal(out[1], 0.0)
+    q, key, v = jnp.split(qkv, [heads, 2 * heads], axis=2)
+    sep = jax.jit(lambda *a: kernel.attention(*a, allowed, k ** -0.5))(q, key, v)
+    np.testing.assert_array_equal(sep[0], alone_out[0])
+
+
 def test_rows_without_an_allowed_key_are_zero_and_carry_no_gradient():
     b, length, h, k = 1, 16, 2, 16
     q, key, v = (_normal(i, (b, length, h, k)) for i in range(3))
@@ -197,6 +223,7 @@ def test_the_avx2_build_matches_the_einsum_path(tmp_path, monkeypatch):
     ref = _xla_path(lambda *a: dot_product_attention(*a, mask))(q, key, v)
     valid = (mask.q_segment_ids != 0)[:, :, None, None]
     np.testing.assert_allclose(out * valid, ref * valid, rtol=1e-5, atol=2e-6)
+    assert lib.LmGemmBuilt() == 0  # no AVX-512 product in this build: lm.kernels.gemm off
 
 
 def test_build_cache_and_a_failing_compiler(tmp_path, monkeypatch):
@@ -289,3 +316,56 @@ def test_weight_grad_transposes_through_the_kernel_for_ynnpack(n, d_in, d_out):
     w = _normal(3, (d_in, d_out))
     dw = jax.grad(lambda w: jnp.sum(custom_grads.dense_product(x, w) * g))(w)
     np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-4)
+
+
+def _gemm_or_skip():
+    from lm.kernels import gemm
+
+    if not gemm.usable(jnp.zeros((1, 16)), jnp.zeros((16, 16))):
+        pytest.skip("the product kernel needs AVX-512")
+    return gemm
+
+
+# (N, K, F): row tails of every size below 12, blocks of 48 rows, the column split of few
+# row blocks (N < 8 * 48), F an odd multiple of 16, K = 1, one row
+@pytest.mark.parametrize("n,k,f", [(768, 128, 384), (13, 128, 48), (100, 33, 32),
+                                   (37, 64, 1024), (1, 7, 16), (400, 1, 80), (11, 512, 128)])
+def test_gemm_kernel_is_the_product(n, k, f):
+    gemm = _gemm_or_skip()
+    a, b = _normal(1, (n, k)), _normal(2, (k, f))
+    want = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    got = jax.jit(gemm.matmul)(a, b)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+    a3 = a[: n - n % 1].reshape(1, n, k)  # leading axes are flattened and restored
+    np.testing.assert_allclose(jax.jit(gemm.matmul)(a3, b)[0], got, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_layer_products_run_in_the_gemm_kernel(monkeypatch):
+    """dense_product's value and both gradients with the kernel (forward and x-gradient
+    products in lm_gemm, the kernel gradient in XLA's product) equal XLA's path; not used
+    for widths off the vector, other dtypes, explicit dimensions or with the switch off."""
+    gemm = _gemm_or_skip()
+    from lm.models import custom_grads
+
+    x, w, g = _normal(1, (2, 30, 64)), _normal(2, (64, 96)), _normal(3, (2, 30, 96))
+
+    def loss(x, w):
+        return jnp.sum(custom_grads.dense_product(x, w) * g)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    hlo = fn.lower(x, w).compile().as_text()
+    assert hlo.count('custom_call_target="lm_gemm"') == 2
+    (value, (dx, dw)) = fn(x, w)
+    x64, w64, g64 = (np.asarray(t, np.float64) for t in (x, w, g))
+    np.testing.assert_allclose(value, np.sum((x64 @ w64) * g64), rtol=1e-5)
+    np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dw, np.einsum("bni,bno->io", x64, g64), rtol=1e-5, atol=1e-4)
+    assert not gemm.usable(x, _normal(4, (64, 40)))  # 40 columns: not a multiple of 16
+    assert not gemm.usable(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    nt = (((2,), (1,)), ((), ()))
+    assert "lm_gemm" not in jax.jit(lambda a, b: custom_grads.mixed_dot(a, b, nt)).lower(
+        g, w).as_text()
+    monkeypatch.setenv("LM_GEMM_KERNEL", "0")
+    off = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    assert "lm_gemm" not in off.lower(x, w).as_text()
+    np.testing.assert_allclose(off(x, w)[1][0], dx, rtol=1e-5, atol=1e-5)

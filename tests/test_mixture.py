@@ -111,13 +111,20 @@ def test_one_task_mixture_is_the_single_task_run(tmp_path, files, task):
     last_one = train.train_and_evaluate(single_config(c, task), str(tmp_path / "one"))
     mixed, single = train_losses(tmp_path / "mix"), train_losses(tmp_path / "one")
     assert sorted(single) == [1, 2, 3, 4]
-    assert mixed == single  # every step's loss, exactly
-    assert train_losses(tmp_path / "mix", f"train/{task}/loss") == single
+    # every step's loss, to float32 rounding: the two programs differ (the mixture's
+    # per-task heads and metrics), so XLA may fuse the ops after a custom call's product
+    # (lm.kernels.gemm on AVX-512 CPUs) differently; with XLA's products alone they agree
+    # exactly (LM_GEMM_KERNEL=0)
+    assert sorted(mixed) == sorted(single)
+    np.testing.assert_allclose([mixed[s] for s in sorted(single)],
+                               [single[s] for s in sorted(single)], rtol=1e-6)
+    assert train_losses(tmp_path / "mix", f"train/{task}/loss") == mixed
     for key, value in last_one.items():
         if key.startswith("eval/"):
             name = key.removeprefix("eval/")
-            assert last_mix[f"eval/{task}/{name}"] == value, key
-    assert last_mix["eval/loss"] == last_one["eval/loss"]
+            np.testing.assert_allclose(last_mix[f"eval/{task}/{name}"], value, rtol=1e-6,
+                                       err_msg=key)
+    np.testing.assert_allclose(last_mix["eval/loss"], last_one["eval/loss"], rtol=1e-6)
 
 
 # ------------------------------------------------------------- rates and frequencies

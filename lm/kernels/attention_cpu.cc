@@ -67,15 +67,17 @@ inline void MaskedExp(float* p, const uint8_t* const* mask, int64_t sp, int64_t 
 }
 
 // The forward pass; the probabilities are written to P unless it is null (no gradient).
-// Where the head width is a multiple of kLanes (no padding), query rows and values are
-// read in place and each output row is written straight from the registers; the logits
+// Where the head width is a multiple of kLanes (no padding), query rows are read in place
+// and each output row is written straight from the registers, and where the key count is
+// one too, so are the values (else a zero-padded tile: the products run over whole vectors
+// of keys, and a key past S must contribute 0, not 0 x whatever lies there); the logits
 // are scaled inside the softmax.
 void Forward(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, const float* Q,
              const float* K, const float* V, ffi::Buffer<ffi::PRED>& allowed, float scale,
              float* O, float* P) {
   const uint8_t* A = reinterpret_cast<const uint8_t*>(allowed.typed_data());
   const int64_t r = d.h / d.g, sp = RoundUp(d.s), kp = RoundUp(d.k);
-  const bool in_place = kp == d.k;
+  const bool in_place = kp == d.k, values_in_place = in_place && sp == d.s;
   const std::vector<int32_t> ranges = AllowedRanges(d, A);
   ParallelFor(pool, d.b * d.h, [&](int64_t task) {
     const int64_t b = task / d.h, h = task % d.h;
@@ -88,7 +90,7 @@ void Forward(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, const floa
     PackHead(d, K + lay.K(d, b, 0, h / r), lay.kc * d.k, true, kt, sp, kp);
     const float* values = vv;
     int64_t v_stride = kp;
-    if (in_place) {
+    if (values_in_place) {
       values = V + lay.V(d, b, 0, h / r);
       v_stride = lay.vc * d.k;
     } else {
@@ -124,7 +126,8 @@ void Forward(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, const floa
       BlockProduct(qrows, qr_stride, kt, sp, 0, kp, blk.lo, blk.hi, p, sp);
       MaskedExp(p, blk.mask, sp, blk.lo, blk.hi, scale, inv);
       if (in_place) {
-        BlockProduct(p, sp, values, v_stride, blk.lo, blk.hi, 0, kp, out, o_stride, inv, blk.rows);
+        BlockProduct(p, sp, values, v_stride, blk.lo, blk.hi, 0, kp, out, o_stride, inv,
+                     blk.rows);
       } else {
         WeightsTimesRows(p, sp, values, v_stride, kp, blk.lo, blk.hi, o);
         for (int64_t j = 0; j < blk.rows; ++j)

@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lm.kernels import gemm as gemm_kernel
 from lm.kernels import transpose as transpose_kernel
 
 
@@ -128,7 +129,9 @@ gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_bwd)
 def dense_product(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """x @ kernel over x's last axis ([..., in] x [in, out]); the kernel's gradient
     transposes the smaller of the input and the output gradient (XLA:CPU transposed the
-    larger: a [N, 4D] copy for every MLP input projection)."""
+    larger: a [N, 4D] copy for every MLP input projection). In fp32 on an AVX-512 CPU the
+    product and the input gradient g kernelᵀ run in `lm.kernels.gemm` (the latter on the
+    kernel transposed by `lm.kernels.transpose`)."""
     return mixed_dot(x, kernel)
 
 
@@ -138,7 +141,11 @@ def mixed_dot(a: jnp.ndarray, b: jnp.ndarray,
     fp32 and returned in a's dtype. For bf16 operands XLA:CPU runs a bf16 -> bf16 product
     as an fp32 GEMM on upcast copies, 4-6x slower than the same operands with an fp32
     result (a [2048, 256] x [256, 1024] product alone: 4.3-5.3 against 1.0-1.1 ms; the
-    bf16 GPT step 1.22x); for fp32 operands the compiled product is the same."""
+    bf16 GPT step 1.22x); for fp32 operands the compiled product is the same. Without
+    `dims`, fp32 operands on an AVX-512 CPU go to `lm.kernels.gemm` (not differentiable:
+    for custom gradients)."""
+    if dims is None and gemm_kernel.usable(a, b):
+        return gemm_kernel.matmul(a, b)
     dims = dims or (((a.ndim - 1,), (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
 
@@ -156,7 +163,10 @@ def _dense_fwd(x, kernel):
 def _dense_bwd(res, g):
     x, kernel = res
     dk = weight_grad(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
-    dx = mixed_dot(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    if transpose_kernel.usable(kernel) and gemm_kernel.usable(g, kernel.T):
+        dx = gemm_kernel.matmul(g, transpose_kernel.transpose(kernel))
+    else:
+        dx = mixed_dot(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -175,7 +185,11 @@ def weight_grad(x_NI: jnp.ndarray, g_NO: jnp.ndarray) -> jnp.ndarray:
     small_x = x_NI.shape[1] <= g_NO.shape[1]
     if x_NI.dtype == g_NO.dtype == jnp.float32 and transpose_kernel.usable(x_NI):
         t = transpose_kernel.transpose
-        return mixed_dot(t(x_NI), g_NO) if small_x else t(mixed_dot(t(g_NO), x_NI))
+        # XLA's product (explicit dims), not lm.kernels.gemm: its few long rows ([in, N],
+        # N the token count) split poorly over threads (the char step 0.94x)
+        nn = (((1,), (0,)), ((), ()))
+        return (mixed_dot(t(x_NI), g_NO, nn) if small_x
+                else t(mixed_dot(t(g_NO), x_NI, nn)))
     if small_x:
         return mixed_dot(jnp.transpose(x_NI), g_NO)
     return jnp.transpose(mixed_dot(jnp.transpose(g_NO), x_NI))
