@@ -34,6 +34,8 @@
 - a kernel's gradient xᵀ g over the token axis (`--weight_grad_shape N in out`) as XLA
   compiles it (Eigen), on x already laid out [in, N] (YNNPACK) and through lm's
   transpose kernel (`weight_grad_*`, lm.models.custom_grads.weight_grad);
+- a dense layer's product x w and input gradient g wᵀ (`--dense_shape N in out`) as XLA
+  compiles them and in lm's product kernel (`dense_*`, lm.kernels.gemm; on AVX-512 CPUs);
 - one bf16 loss chunk, [rows, width] hidden states against the [vocab, width] table:
   its loss sums, or those and both gradients (dx and the table's [D, V] sum), through
   XLA's products and the cross-entropy kernel and through lm's AMX kernels
@@ -69,7 +71,8 @@ def best_ms(fn, *args, repeats: int) -> float:
 def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         attention_shape: tuple[int, int, int, int] = (12, 4, 64, 64),
         weight_grad_shape: tuple[int, int, int] = (768, 128, 512),
-        gelu_shape: tuple[int, int] = (4096, 512)):
+        gelu_shape: tuple[int, int] = (4096, 512),
+        dense_shape: tuple[int, int, int] = (768, 128, 512)):
     import jax
     import jax.numpy as jnp
 
@@ -105,6 +108,7 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
 
     from lm.kernels import argmax as argmax_kernel
     from lm.kernels import build
+    from lm.kernels import gemm as gemm_kernel
     from lm.models import custom_grads
     from lm.objectives import losses
 
@@ -170,6 +174,19 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     wg_xt = wg_x.T.copy()
 
     gelu_x = jax.random.normal(key, gelu_shape)
+    dn, dd_in, dd_out = dense_shape
+    dense_x = jax.random.normal(key, (dn, dd_in))
+    dense_w = jax.random.normal(jax.random.key(5), (dd_in, dd_out))
+    dense_g = jax.random.normal(jax.random.key(6), (dn, dd_out))
+    nt = (((1,), (1,)), ((), ()))
+    gemm_ops = {
+        # a dense layer's product and input gradient in lm's product kernel (the latter on
+        # the kernel transposed by lm's transpose kernel), on AVX-512 CPUs
+        "dense_gemm_kernel": (gemm_kernel.matmul, (dense_x, dense_w)),
+        "dense_dx_gemm_kernel": (
+            lambda g, w: gemm_kernel.matmul(g, transpose_kernel.transpose(w)),
+            (dense_g, dense_w)),
+    } if gemm_kernel.usable(dense_x, dense_w) and gemm_kernel.usable(dense_g, dense_w.T) else {}
 
     return {
         **amx_ops,
@@ -183,6 +200,10 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         "weight_grad_pretransposed": (lambda xt, g: xt @ g, (wg_xt, wg_g)),
         **({"weight_grad_kernel_transposed": (custom_grads.weight_grad, (wg_x, wg_g))}
            if transpose_kernel.usable(wg_x) else {}),
+        # the same two products as XLA compiles them (YNNPACK)
+        "dense_xla": (lambda x, w: x @ w, (dense_x, dense_w)),
+        "dense_dx_xla": (lambda g, w: dot(g, w, nt[0]), (dense_g, dense_w)),
+        **gemm_ops,
         "row_max": (lambda x: jnp.max(x, -1), (logits,)),
         "row_sum": (lambda x: jnp.sum(x, -1), (logits,)),
         "bias_grad_reduce": (lambda g: jnp.sum(g, (0, 1)), (grad,)),
@@ -233,6 +254,9 @@ def main() -> None:
                    help="N in out: x [N, in], g [N, out] (char_lm:baby's MLP input)")
     p.add_argument("--gelu_shape", type=int, nargs=2, default=[4096, 512],
                    help="rows width (char_lm:baby's validation batch of 64 windows)")
+    p.add_argument("--dense_shape", type=int, nargs=3, default=[768, 128, 512],
+                   help="N in out: a dense layer's x [N, in] @ w [in, out] and its input "
+                        "gradient g [N, out] @ wᵀ (char_lm:baby's MLP input projection)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--ops", nargs="+", default=None, help="time only these ops (names above)")
     args = p.parse_args()
@@ -243,7 +267,8 @@ def main() -> None:
                                     tuple(args.bias_shape),
                                     tuple(args.attention_shape),
                                     tuple(args.weight_grad_shape),
-                                    tuple(args.gelu_shape)).items():
+                                    tuple(args.gelu_shape),
+                                    tuple(args.dense_shape)).items():
         if args.ops and name not in args.ops:
             continue
         ms = best_ms(jax.jit(fn), *operands, repeats=args.repeats)

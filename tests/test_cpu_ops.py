@@ -27,7 +27,7 @@ def _module():
 def test_ops_compute_their_reference_values():
     ops = _module().ops(vocab=37, rows=6, width=5, bias_shape=(3, 3, 4),
                         attention_shape=(2, 3, 4, 5), weight_grad_shape=(24, 5, 9),
-                        gelu_shape=(3, 7))
+                        gelu_shape=(3, 7), dense_shape=(13, 5, 32))
     (x,) = ops["row_max"][1]
     x = np.asarray(x, np.float64)
     want = {"row_max": x.max(-1), "row_sum": x.sum(-1)}
@@ -74,6 +74,13 @@ def test_ops_compute_their_reference_values():
     (gx,) = (np.asarray(a, np.float64) for a in ops["gelu"][1])
     assert gx.shape == (3, 7)
     want["gelu"] = gx * 0.5 * (1 + scipy.special.erf(gx / np.sqrt(2)))
+    dx_, dw_ = (np.asarray(a, np.float64) for a in ops["dense_xla"][1])
+    dg_ = np.asarray(ops["dense_dx_xla"][1][0], np.float64)
+    assert (dx_.shape, dw_.shape, dg_.shape) == ((13, 5), (5, 32), (13, 32))
+    want["dense_xla"] = dx_ @ dw_
+    want["dense_dx_xla"] = dg_ @ dw_.T
+    if "dense_gemm_kernel" in ops:  # on AVX-512 CPUs with the kernels built
+        want["dense_gemm_kernel"], want["dense_dx_gemm_kernel"] = dx_ @ dw_, dg_ @ dw_.T
     assert set(ops) == set(want)
     for name, (fn, operands) in ops.items():
         got = jax.jit(fn)(*operands)
