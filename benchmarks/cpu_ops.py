@@ -186,7 +186,8 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         "dense_dx_gemm_kernel": (
             lambda g, w: gemm_kernel.matmul(g, transpose_kernel.transpose(w)),
             (dense_g, dense_w)),
-    } if gemm_kernel.usable(dense_x, dense_w) and gemm_kernel.usable(dense_g, dense_w.T) else {}
+    } if gemm_kernel.usable(dense_x, dense_w) and gemm_kernel.usable(
+        dense_g, jax.ShapeDtypeStruct(dense_w.shape[::-1], dense_w.dtype)) else {}
 
     return {
         **amx_ops,

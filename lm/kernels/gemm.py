@@ -15,6 +15,7 @@ knows nothing of it; multi-device CPU runs are tests and debugging).
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -31,13 +32,13 @@ def _built_for_avx512() -> bool:
     return bool(build.available() and build._state["lib"].LmGemmBuilt())
 
 
-def usable(a: jnp.ndarray, b: jnp.ndarray) -> bool:
-    """Whether `matmul(a, b)` applies (read when tracing): fp32 a [..., K] and b [K, F],
-    F > 0 a multiple of 16, the CPU with AVX-512, kernels enabled and built,
-    `LM_GEMM_KERNEL=0` not set."""
-    return (a.dtype == b.dtype == jnp.float32 and b.ndim == 2 and a.ndim >= 1
+def usable(a, b) -> bool:
+    """Whether `matmul(a, b)` applies (read when tracing; arrays or anything with .shape and
+    .dtype): fp32 a [..., K] and b [K, F], F > 0 a multiple of 16, the CPU with AVX-512,
+    kernels enabled and built, `LM_GEMM_KERNEL=0` not set."""
+    return (a.dtype == b.dtype == jnp.float32 and len(b.shape) == 2 and len(a.shape) >= 1
             and a.shape[-1] == b.shape[0] and b.shape[1] > 0 and b.shape[1] % 16 == 0
-            and a.size > 0 and os.environ.get("LM_GEMM_KERNEL", "1") != "0"
+            and math.prod(a.shape) > 0 and os.environ.get("LM_GEMM_KERNEL", "1") != "0"
             and build.on_cpu() and _built_for_avx512())
 
 

@@ -163,7 +163,8 @@ def _dense_fwd(x, kernel):
 def _dense_bwd(res, g):
     x, kernel = res
     dk = weight_grad(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
-    if transpose_kernel.usable(kernel) and gemm_kernel.usable(g, kernel.T):
+    if transpose_kernel.usable(kernel) and gemm_kernel.usable(
+            g, jax.ShapeDtypeStruct(kernel.shape[::-1], kernel.dtype)):
         dx = gemm_kernel.matmul(g, transpose_kernel.transpose(kernel))
     else:
         dx = mixed_dot(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
