@@ -3,7 +3,7 @@
 // input-gradient products on AVX-512 CPUs.
 //
 // At the sizes of small models (768 x 128 x 512 in a `char_lm:baby` step, 2048 x 256 x
-// 1024 in GPT / BERT 4x256) XLA:CPU's YNNPACK products ran at 80-90 % of what this
+// 1024 in GPT / BERT 4x256) XLA:CPU's YNNPACK products ran at 70-90 % of what this
 // straightforward kernel reaches: 12 rows x 32 columns of C in 24 AVX-512 accumulators,
 // A's elements broadcast, B's rows read in place (no packing: at these K a 32-column
 // panel of B stays in L1 / L2), the rows of C split over XLA's intra-op thread pool in
