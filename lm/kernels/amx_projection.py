@@ -34,7 +34,7 @@ def has_amx() -> bool:
     flags = build.cpu_id().split()
     if not ("amx_tile" in flags and "amx_bf16" in flags and build.available()):
         return False
-    return bool(build._state["lib"].LmAmxReady())
+    return bool(build.library().LmAmxReady())
 
 
 def usable(x: jnp.ndarray, table: jnp.ndarray) -> bool:

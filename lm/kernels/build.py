@@ -148,6 +148,13 @@ def available() -> bool:
     return bool(_state["ok"])
 
 
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (after `available()` is True), for its plain C queries
+    such as whether a kernel was built for this CPU."""
+    require()
+    return _state["lib"]
+
+
 @functools.cache
 def has_simd() -> bool:
     """Whether the CPU has AVX-512 or AVX2, the vector widths the kernels are written for

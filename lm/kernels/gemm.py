@@ -29,7 +29,7 @@ def _built_for_avx512() -> bool:
     """The CPU has AVX-512 and the library was built with it (not for an older -march)."""
     if "avx512f" not in build.cpu_id().split():
         return False
-    return bool(build.available() and build._state["lib"].LmGemmBuilt())
+    return bool(build.available() and build.library().LmGemmBuilt())
 
 
 def usable(a, b) -> bool:
