@@ -27,18 +27,6 @@ inline float Dot(const float* x, const float* y, int64_t lo, int64_t hi) {
   return HorizontalSum(acc);
 }
 
-// [rows, cols] (row stride ld_src) -> [cols, rows] (row stride ld_dst): 8 x 8 blocks in
-// registers, the edges element by element.
-void TransposeTile(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
-                   int64_t ld_dst) {
-  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
-  for (int64_t i = 0; i < r8; i += 8)
-    for (int64_t c = 0; c < c8; c += 8)
-      Transpose8x8(src + i * ld_src + c, ld_src, dst + c * ld_dst + i, ld_dst);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t c = i < r8 ? c8 : 0; c < cols; ++c) dst[c * ld_dst + i] = src[i * ld_src + c];
-}
-
 // out_t[c][s] += sum_{i in [i0, i1)} w[i][s] x[i][c] for the kLanes keys s from s0 and the
 // F features c from c0: one vector of keys per feature in registers, w's rows read as
 // vectors and x's elements broadcast (the transposed products behind dK and dV, without
@@ -142,8 +130,8 @@ void BackwardInPlace(ffi::ThreadPool& pool, const Dims& d, const Layout& lay, co
         }
       }
     }
-    TransposeTile(dk_t, sp, d.k, d.s, DK + lay.K(d, b, 0, g), lay.kc * d.k);
-    TransposeTile(dv_t, sp, d.k, d.s, DV + lay.V(d, b, 0, g), lay.vc * d.k);
+    TransposeRows(dk_t, sp, 0, d.k, d.s, DK + lay.K(d, b, 0, g), lay.kc * d.k);
+    TransposeRows(dv_t, sp, 0, d.k, d.s, DV + lay.V(d, b, 0, g), lay.vc * d.k);
   });
 }
 

@@ -46,31 +46,17 @@ constexpr int kRows = 4;  // query rows per block: 4 x 2 vector accumulators in 
 // s of the head starts at X + stride * s (X: the head's first key).
 void PackHead(const Dims& d, const float* X, int64_t stride, bool transposed, float* tile,
               int64_t sp, int64_t kp) {
-  int64_t s = 0;
-  if (transposed) {  // 8 keys x 8 features at a time through registers
-    const int64_t k8 = d.k / 8 * 8;
-    for (; s + 8 <= d.s; s += 8) {
-      for (int64_t c = 0; c < k8; c += 8)
-        Transpose8x8(X + stride * s + c, stride, tile + c * sp + s, sp);
-      for (int64_t c = k8; c < d.k; ++c)
-        for (int64_t i = s; i < s + 8; ++i) tile[c * sp + i] = X[stride * i + c];
-    }
-  }
-  for (; s < d.s; ++s) {
-    const float* xs = X + stride * s;
-    if (transposed) {
-      for (int64_t c = 0; c < d.k; ++c) tile[c * sp + s] = xs[c];
-    } else {
-      std::memcpy(tile + s * kp, xs, d.k * sizeof(float));
-      std::fill(tile + s * kp + d.k, tile + (s + 1) * kp, 0.0f);
-    }
-  }
-  if (transposed) {
+  if (transposed) {  // keys x features through 8 x 8 register blocks
+    TransposeRows(X, stride, 0, d.s, d.k, tile, sp);
     for (int64_t c = 0; c < d.k; ++c) std::fill(tile + c * sp + d.s, tile + (c + 1) * sp, 0.0f);
     std::fill(tile + d.k * sp, tile + kp * sp, 0.0f);
-  } else {
-    std::fill(tile + d.s * kp, tile + sp * kp, 0.0f);
+    return;
   }
+  for (int64_t s = 0; s < d.s; ++s) {
+    std::memcpy(tile + s * kp, X + stride * s, d.k * sizeof(float));
+    std::fill(tile + s * kp + d.k, tile + (s + 1) * kp, 0.0f);
+  }
+  std::fill(tile + d.s * kp, tile + sp * kp, 0.0f);
 }
 
 // Column ranges [lo, hi) below are multiples of kLanes inside buffers padded to sp.

@@ -1,7 +1,7 @@
 // Shared pieces of lm's CPU kernels (lm/kernels/*_cpu.cc): one register of floats as a
 // GCC/Clang vector, a vectorised exp, horizontal reductions, bf16 rounding, a row's max and
-// sum of exponentials, an 8 x 8 transpose, scratch buffers and a parallel loop over XLA's
-// intra-op thread pool.
+// sum of exponentials, transposes through 8 x 8 register blocks, scratch buffers and a
+// parallel loop over XLA's intra-op thread pool.
 
 #pragma once
 
@@ -206,6 +206,30 @@ inline void Transpose8x8(const float* in, int64_t ld_in, float* out, int64_t ld_
   for (int i = 0; i < 8; ++i)
     for (int j = 0; j < 8; ++j) out[j * ld_out + i] = in[i * ld_in + j];
 #endif
+}
+
+// Input rows [r, r + N) (N a multiple of 8) into output columns [r, r + N): with N = 16
+// each output row gets 64 contiguous bytes (a cache line) per pass.
+template <int N>
+inline void TransposeStrip(const float* src, int64_t ld_src, int64_t cols, float* dst,
+                           int64_t ld_dst, int64_t r) {
+  const int64_t cols8 = cols / 8 * 8;
+  for (int64_t c = 0; c < cols8; c += 8)
+    for (int i = 0; i < N; i += 8)
+      Transpose8x8(src + (r + i) * ld_src + c, ld_src, dst + c * ld_dst + r + i, ld_dst);
+  for (int64_t c = cols8; c < cols; ++c)
+    for (int64_t i = r; i < r + N; ++i) dst[c * ld_dst + i] = src[i * ld_src + c];
+}
+
+// dst[c][r] = src[r][c] for rows [r0, r1) and all `cols` columns (row strides ld_src and
+// ld_dst): strips of 16 rows, then 8, then single rows.
+inline void TransposeRows(const float* src, int64_t ld_src, int64_t r0, int64_t r1,
+                          int64_t cols, float* dst, int64_t ld_dst) {
+  int64_t r = r0;
+  for (; r + 16 <= r1; r += 16) TransposeStrip<16>(src, ld_src, cols, dst, ld_dst, r);
+  for (; r + 8 <= r1; r += 8) TransposeStrip<8>(src, ld_src, cols, dst, ld_dst, r);
+  for (; r < r1; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
 // Scratch buffers of the calling thread, reused across tasks and calls (no allocation or
