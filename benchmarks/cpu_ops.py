@@ -24,6 +24,8 @@
 - one read of as many fp32 values as the GPT 4x256's weights (table + 4 layers of 12 D^2:
   64 MB at the defaults), the memory traffic of one batch-1 decoding step
   (`weights_read`: a column sum, bound by memory bandwidth);
+- a batch-8 decoding step's tied logits [8, width] x [vocab, width]ᵀ as XLA's product
+  and lm's logits kernel (`decode_logits_*`);
 - greedy decoding's token choice over 8 logits rows: `lax.top_k(x, 1)`, jnp.argmax and
   lm's CPU argmax kernel (`argmax_*`);
 - a bf16 bias gradient as XLA's reduction and as lm's product with [8, N] ones
@@ -87,6 +89,7 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     logits = jax.random.normal(key, (rows, vocab))
     table = jax.random.normal(key, (vocab, width))
     h = jax.random.normal(key, (rows, width))
+    h8 = jax.random.normal(jax.random.key(7), (8, width))
     grad = jax.random.normal(key, bias_shape)
     ones = jnp.ones((bias_shape[0] * bias_shape[1],))
     b, heads, length, keys = attention_shape
@@ -109,6 +112,7 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     from lm.kernels import argmax as argmax_kernel
     from lm.kernels import build
     from lm.kernels import gemm as gemm_kernel
+    from lm.kernels import logits as logits_kernel
     from lm.models import custom_grads
     from lm.objectives import losses
 
@@ -232,6 +236,11 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
            for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))
            for impl in ("xla", "kernel")},
         "weights_read": (lambda w: jnp.sum(w, 0), (weights_all,)),
+        # a batch-8 decoding step's tied logits, x [8, D] against the [V, D] table: XLA's
+        # product and lm's kernel (lm.kernels.logits; XLA's where the kernel is not built)
+        "decode_logits_xla": (lambda x, e: dot(x, e, ((1,), (1,))), (h8, table)),
+        "decode_logits_kernel": (logits_kernel.small_logits if logits_kernel.usable(h8, table)
+                                 else lambda x, e: dot(x, e, ((1,), (1,))), (h8, table)),
         # greedy decoding's token choice over [8, vocab] logits
         "argmax_top_k1": (lambda x: jax.lax.top_k(x, 1)[1][:, 0], (logits8,)),
         "argmax_jnp": (lambda x: jnp.argmax(x, -1), (logits8,)),

@@ -63,6 +63,9 @@ def test_ops_compute_their_reference_values():
     (w_all,) = ops["weights_read"][1]
     assert w_all.shape == (37 + 48 * 5, 5)
     want["weights_read"] = np.asarray(w_all, np.float64).sum(0)
+    h8, e = (np.asarray(a, np.float64) for a in ops["decode_logits_kernel"][1])
+    assert h8.shape == (8, 5)
+    want["decode_logits_xla"] = want["decode_logits_kernel"] = h8 @ e.T
     (x8,) = ops["argmax_kernel"][1]
     want["argmax_top_k1"] = want["argmax_jnp"] = want["argmax_kernel"] = np.asarray(x8).argmax(-1)
     wx, wg = (np.asarray(a, np.float64) for a in ops["weight_grad_2d"][1])
