@@ -36,6 +36,22 @@ def test_ties_nan_and_infinities():
     np.testing.assert_array_equal(kernel.argmax(tail), [36, 20])  # beyond the last vector
 
 
+def test_ties_and_nan_in_long_rows():
+    """Rows long enough for the vector passes and the rows' parallel split (V >= 4096)."""
+    v = 5001
+    x = np.random.default_rng(1).normal(size=(6, v)).astype(np.float32)
+    x[0, [100, 4000]] = 9.0                        # tie inside the vectors: the first
+    x[1, [2000, 3000]] = np.nan                    # NaNs: the first
+    x[1, 10] = 9.0
+    x[2] = -np.inf                                 # all -inf: index 0
+    x[3, v - 1] = np.inf                           # in the scalar tail
+    x[4, [17, 18]] = 9.0                           # tie within one vector
+    x[5, [4992, 5000]] = np.nan                    # first NaN in the last whole vector
+    got = kernel.argmax(jnp.asarray(x))
+    np.testing.assert_array_equal(got, [100, 2000, 0, v - 1, 17, 4992])
+    np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), -1))
+
+
 def test_leading_axes_and_vmap():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 70)), jnp.float32)
     assert kernel.argmax(x).shape == (3, 4) and kernel.argmax(x).dtype == jnp.int32
