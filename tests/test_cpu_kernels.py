@@ -224,6 +224,16 @@ def test_the_avx2_build_matches_the_einsum_path(tmp_path, monkeypatch):
     valid = (mask.q_segment_ids != 0)[:, :, None, None]
     np.testing.assert_allclose(out * valid, ref * valid, rtol=1e-5, atol=2e-6)
     assert lib.LmGemmBuilt() == 0  # no AVX-512 product in this build: lm.kernels.gemm off
+    # the decoding kernel's 8-float form against the default build's
+    jax.ffi.register_ffi_target("lm_decode_attention_avx2",
+                                jax.ffi.pycapsule(lib.LmDecodeAttention), platform="cpu")
+    qn, keys, values = _normal(3, (6, 2, 24)), _normal(4, (6, 24, 41)), _normal(5, (6, 41, 24))
+    allowed = jnp.arange(41)[None] < jnp.array([[41], [30], [3]])
+    got = jax.ffi.ffi_call("lm_decode_attention_avx2", jax.ShapeDtypeStruct(qn.shape,
+                                                                            jnp.float32))(
+        qn, keys, values, allowed, scale=np.float32(0.2))
+    np.testing.assert_allclose(got, kernel.cached(qn, keys, values, allowed, 0.2), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_build_cache_and_a_failing_compiler(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Attention as a C++ kernel on the CPU (`attention_cpu.cc`; the backward pass in
-`attention_bwd_cpu.cc`), differentiable.
+`attention_bwd_cpu.cc`), differentiable; and a decoding step's attention over the KV
+cache (`decode_attention_cpu.cc`, `cached`).
 
 XLA:CPU compiles the attention core of a small model (`char_lm:baby`: 48 heads of 64 x 64
 per layer) into ~25 operations per layer and step: transposed copies of q, k and v,
@@ -119,3 +120,16 @@ def _packed_bwd(scale, heads, res, g):
 
 
 attention_packed.defvjp(_packed_fwd, _packed_bwd)
+
+
+def cached(q_NRK: jnp.ndarray, keys_NKS: jnp.ndarray, values_NSK: jnp.ndarray,
+           allowed_BS: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """One decoding step over the KV cache in its stored layouts (lm.models.attention):
+    softmax(scale q kᵀ over the keys where `allowed_BS`) v for every row and key/value
+    head n = b * G + g and its R query heads, reading only the keys between each row's
+    first and last allowed one; a query with no allowed key gets zeros. fp32, CPU only
+    (`packed_usable`); no gradient (decoding)."""
+    build.require()
+    out_type = jax.ShapeDtypeStruct(q_NRK.shape, jnp.float32)
+    return jax.ffi.ffi_call("lm_decode_attention", out_type, vmap_method="sequential")(
+        q_NRK, keys_NKS, values_NSK, allowed_BS, scale=np.float32(scale))
