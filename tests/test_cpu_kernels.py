@@ -380,3 +380,53 @@ def test_dense_layer_products_run_in_the_gemm_kernel(monkeypatch):
     off = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     assert "lm_gemm" not in off.lower(x, w).as_text()
     np.testing.assert_allclose(off(x, w)[1][0], dx, rtol=1e-5, atol=1e-5)
+
+
+# (N, K, F): rows in tiles of 12 and every tail, columns in 256-wide tasks with tails of
+# 32, 16 and masked lanes (F % 16 = 1, 15), fewer than 16 columns, K = 1
+@pytest.mark.parametrize("n,k,f", [(256, 512, 1297), (13, 64, 527), (5, 3, 15), (1, 1, 1),
+                                   (25, 40, 256), (12, 17, 305)])
+def test_accumulating_product_adds_into_c(n, k, f):
+    gemm = _gemm_or_skip()
+    a, b, c = _normal(1, (n, k)), _normal(2, (k, f)), _normal(3, (n, f))
+    assert gemm.usable_acc(c, a, b)
+    want = np.asarray(c, np.float64) + np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    got = jax.jit(gemm.matmul_acc)(c, a, b)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+    np.testing.assert_array_equal(c, _normal(3, (n, f)))  # the caller's c is untouched
+
+    def summed(c, a_chunks, b_chunks):  # a loop's accumulator, updated in place
+        def body(c, ab):
+            return gemm.matmul_acc(c, *ab), None
+        return jax.lax.scan(body, c, (a_chunks, b_chunks))[0]
+
+    a3, b3 = _normal(4, (3, n, k)), _normal(5, (3, k, f))
+    want3 = np.asarray(c, np.float64) + np.einsum("cnk,ckf->nf", np.asarray(a3, np.float64),
+                                                  np.asarray(b3, np.float64))
+    np.testing.assert_allclose(jax.jit(summed)(c, a3, b3), want3, rtol=1e-5,
+                               atol=2e-4 * np.sqrt(k))
+
+
+def test_the_fused_loss_adds_its_table_gradient_in_the_kernel(monkeypatch):
+    """The fused cross-entropy's table gradient (summed over chunks) in lm_gemm_acc equals
+    XLA's sum; the switch and bf16 keep XLA's."""
+    _gemm_or_skip()
+    from lm.objectives import losses
+
+    x, table = _normal(1, (4, 24, 32)), _normal(2, (2101, 32))  # the kernel's vocabularies
+    targets = jnp.asarray(np.random.default_rng(3).integers(0, 2101, (4, 24)))
+    weights = jnp.ones((4, 24))
+
+    def grads(chunk=32):  # 3 chunks of 8 positions
+        fn = jax.jit(jax.grad(lambda x, t: losses.fused_cross_entropy(
+            x, t, targets, weights, chunk=chunk)["loss"][0], argnums=(0, 1)))
+        return fn.lower(x, table).as_text(), fn(x, table)
+
+    text, (dx, dtable) = grads()
+    assert text.count("lm_gemm_acc") == 1
+    assert "lm_gemm_acc" not in grads(chunk=0)[0]  # one chunk: XLA's product alone
+    monkeypatch.setenv("LM_GEMM_KERNEL", "0")
+    text_off, (dx_off, dtable_off) = grads()
+    assert "lm_gemm_acc" not in text_off
+    np.testing.assert_allclose(dtable, dtable_off, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_off, rtol=1e-5, atol=1e-6)

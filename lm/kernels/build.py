@@ -41,6 +41,7 @@ TARGETS = {
     "lm_cross_entropy_grad_bf16": "LmCrossEntropyGradBF16",
     "lm_row_argmax": "LmRowArgmax", "lm_decode_attention": "LmDecodeAttention",
     "lm_small_logits": "LmSmallLogits", "lm_transpose": "LmTranspose", "lm_gemm": "LmGemm",
+    "lm_gemm_acc": "LmGemmAcc",
     "lm_amx_chunk_stats_bf16": "LmAmxChunkStatsBF16",
     "lm_amx_chunk_grads_bf16": "LmAmxChunkGradsBF16", "lm_amx_pack_bf16": "LmAmxPackBF16",
 }

@@ -50,3 +50,20 @@ def matmul(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     out = jax.ShapeDtypeStruct((a2.shape[0], b.shape[1]), jnp.float32)
     y = jax.ffi.ffi_call("lm_gemm", out, vmap_method="sequential")(a2, b)
     return y.reshape(*a.shape[:-1], b.shape[1])
+
+
+def usable_acc(c, a, b) -> bool:
+    """Whether `matmul_acc(c, a, b)` applies: as `usable`, 2-D operands, any width F."""
+    return (c.dtype == a.dtype == b.dtype == jnp.float32 and len(a.shape) == len(b.shape)
+            == len(c.shape) == 2 and a.shape[1] == b.shape[0]
+            and tuple(c.shape) == (a.shape[0], b.shape[1]) and math.prod(c.shape) > 0
+            and os.environ.get("LM_GEMM_KERNEL", "1") != "0" and build.on_cpu()
+            and _built_for_avx512())
+
+
+def matmul_acc(c: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """c + a [N, K] @ b [K, F] in fp32, written over c's buffer where XLA can give it (a
+    loop's accumulator). Not differentiable (see `usable_acc`)."""
+    build.require()
+    return jax.ffi.ffi_call("lm_gemm_acc", jax.ShapeDtypeStruct(c.shape, jnp.float32),
+                            vmap_method="sequential", input_output_aliases={2: 0})(a, b, c)
