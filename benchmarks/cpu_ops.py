@@ -27,7 +27,8 @@
 - a batch-8 decoding step's tied logits [8, width] x [vocab, width]ᵀ as XLA's product
   and lm's logits kernel (`decode_logits_*`);
 - greedy decoding's token choice over 8 logits rows: `lax.top_k(x, 1)`, jnp.argmax and
-  lm's CPU argmax kernel (`argmax_*`);
+  lm's CPU argmax kernel (`argmax_*`); sampling's over the same rows (temperature 1, no
+  filter): lm.generate's XLA steps and lm's CPU kernel (`sample_*`);
 - a bf16 bias gradient as XLA's reduction and as lm's product with [8, N] ones
   (`bias_grad_bf16_*`; run with `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
   LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE`, lm's bf16 setting);
@@ -113,6 +114,7 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     from lm.kernels import build
     from lm.kernels import gemm as gemm_kernel
     from lm.kernels import logits as logits_kernel
+    from lm import generate
     from lm.models import custom_grads
     from lm.objectives import losses
 
@@ -171,6 +173,12 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         }
 
     from lm.kernels import transpose as transpose_kernel
+
+    def sample_xla(u, x):
+        with build.switched_off():
+            return generate.categorical_from_uniform(u, x)
+
+    u8 = jax.random.uniform(jax.random.key(8), (logits8.shape[0],))
 
     n, d_in, d_out = weight_grad_shape
     wg_x = jax.random.normal(key, (n, d_in))
@@ -247,6 +255,11 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         # (XLA's top_k where the kernel cannot be built)
         "argmax_kernel": (argmax_kernel.argmax if argmax_kernel.usable(logits8)
                           else lambda x: jax.lax.top_k(x, 1)[1][:, 0], (logits8,)),
+        # sampling's token choice (temperature 1, no filter) over the same logits: XLA's
+        # steps (lm.generate.categorical_from_uniform) and lm's CPU kernel
+        "sample_xla": (sample_xla, (u8, logits8)),
+        "sample_kernel": (argmax_kernel.sample if argmax_kernel.usable(logits8)
+                          else sample_xla, (u8, logits8)),
         "bias_grad_bf16_reduce": (bias_grad_bf16(lambda g, b: g + b), (grad16, bias16)),
         "bias_grad_bf16_ones8_product": (bias_grad_bf16(custom_grads.add_bias),
                                          (grad16, bias16)),

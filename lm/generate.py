@@ -79,6 +79,8 @@ def categorical_from_uniform(u_B: jnp.ndarray, logits_BV: jnp.ndarray, block: in
     block) keep the cumulative sums short; a token of probability 0 (a -inf logit) is
     never chosen, because the cumulative sum first exceeds any threshold at a token that
     adds to it."""
+    if block == 256 and argmax_kernel.usable(logits_BV):  # CPU: the same steps in a kernel
+        return argmax_kernel.sample(u_B, logits_BV)
     b, v = logits_BV.shape
     x = logits_BV.astype(jnp.float32)
     p_BV = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))

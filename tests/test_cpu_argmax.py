@@ -72,3 +72,34 @@ def test_greedy_token_choice_uses_the_kernel_on_cpu():
         ref = jax.jit(pick())(logits)
     np.testing.assert_array_equal(jax.jit(pick())(logits), ref)
     np.testing.assert_array_equal(ref, jnp.argmax(logits, -1))
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 256, 1000, 50257])
+def test_sampling_kernel_draws_the_xla_paths_token(vocab):
+    """The kernel's token at quantile u equals lm.generate's XLA steps (blocks of 256) for
+    every u; they differ only where fp32 summation order moves a CDF step past u."""
+    from lm.generate import categorical_from_uniform
+
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(size=(64, vocab)).astype(np.float32) * 3
+    logits[:8, : vocab // 2] = -np.inf  # probability 0 for half the tokens of 8 rows
+    u = jnp.asarray(rng.uniform(size=64), jnp.float32)
+    got = kernel.sample(u, jnp.asarray(logits))
+    with build.switched_off():
+        want = categorical_from_uniform(u, jnp.asarray(logits))
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(logits[np.arange(64), np.asarray(got)]).all()  # -inf never drawn
+    with build.switched_off():  # u = 0: the first token of positive probability
+        first = categorical_from_uniform(jnp.zeros(64), jnp.asarray(logits))
+    np.testing.assert_array_equal(kernel.sample(jnp.zeros(64), jnp.asarray(logits)), first)
+    # u just below 1 (where rounding decides between the last tokens): a possible token
+    top = np.asarray(kernel.sample(jnp.full(64, 1.0 - 2**-24), jnp.asarray(logits)))
+    assert ((top >= 0) & (top < vocab)).all()
+    assert np.isfinite(logits[np.arange(64), top]).all()
+
+
+def test_sampling_uses_the_kernel_on_cpu():
+    logits = jnp.zeros((2, 300), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda k, x: generate.sample_token(
+        k, x, temperature=1.0, top_k=0, top_p=1.0))(jax.random.key(0), logits))
+    assert "lm_row_sample" in jaxpr

@@ -66,6 +66,9 @@ def test_ops_compute_their_reference_values():
     h8, e = (np.asarray(a, np.float64) for a in ops["decode_logits_kernel"][1])
     assert h8.shape == (8, 5)
     want["decode_logits_xla"] = want["decode_logits_kernel"] = h8 @ e.T
+    u8, x8s = (np.asarray(a, np.float64) for a in ops["sample_kernel"][1])
+    p8 = np.exp(x8s - x8s.max(-1, keepdims=True)).cumsum(-1)
+    want["sample_xla"] = want["sample_kernel"] = (p8 <= (u8 * p8[:, -1])[:, None]).sum(-1)
     (x8,) = ops["argmax_kernel"][1]
     want["argmax_top_k1"] = want["argmax_jnp"] = want["argmax_kernel"] = np.asarray(x8).argmax(-1)
     wx, wg = (np.asarray(a, np.float64) for a in ops["weight_grad_2d"][1])
