@@ -110,11 +110,11 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     slope = jax.random.normal(jax.random.key(3), (768, 512))
     big = jnp.finfo(jnp.float32).max
 
+    from lm import generate
     from lm.kernels import argmax as argmax_kernel
     from lm.kernels import build
     from lm.kernels import gemm as gemm_kernel
     from lm.kernels import logits as logits_kernel
-    from lm import generate
     from lm.models import custom_grads
     from lm.objectives import losses
 
