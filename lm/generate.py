@@ -45,11 +45,8 @@ def sample_token(rng: jax.Array, logits_BV: jnp.ndarray, *, temperature: float, 
 
     With `top_k` the draw is among the k largest logits only (`lax.top_k`, sorted), so the
     nucleus filter and the draw touch k values instead of the vocabulary."""
-    if temperature == 0:  # argmax's token (lowest index on ties)
-        if argmax_kernel.usable(logits_BV):  # CPU: one vectorised kernel (lm/kernels)
-            return argmax_kernel.argmax(logits_BV)
-        # top_k(1) picks the same token, and XLA:CPU runs it ~3x faster than argmax
-        return jax.lax.top_k(logits_BV, 1)[1][:, 0].astype(jnp.int32)
+    if temperature == 0:
+        return greedy_token(logits_BV)
     logits_BV = logits_BV / temperature
     if top_k and top_k < logits_BV.shape[-1]:
         top_BK, index_BK = jax.lax.top_k(logits_BV, top_k)
@@ -60,6 +57,14 @@ def sample_token(rng: jax.Array, logits_BV: jnp.ndarray, *, temperature: float, 
         pick_B = categorical(rng, top_BK)
         return jnp.take_along_axis(index_BK, pick_B[:, None], -1)[:, 0].astype(jnp.int32)
     return categorical(rng, filter_logits(logits_BV, top_p=top_p))
+
+
+def greedy_token(logits_BV: jnp.ndarray) -> jnp.ndarray:
+    """argmax's token per row (lowest index on ties), int32."""
+    if argmax_kernel.usable(logits_BV):  # CPU: one vectorised kernel (lm/kernels)
+        return argmax_kernel.argmax(logits_BV)
+    # top_k(1) picks the same token, and XLA:CPU runs it ~3x faster than argmax
+    return jax.lax.top_k(logits_BV, 1)[1][:, 0].astype(jnp.int32)
 
 
 def categorical(rng: jax.Array, logits_BV: jnp.ndarray) -> jnp.ndarray:

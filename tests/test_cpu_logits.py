@@ -1,4 +1,4 @@
-"""The CPU small-batch logits kernel (lm/kernels/logits_cpu.cc): x @ tableᵀ for 1-8 rows
+"""The CPU small-batch logits kernel (lm/kernels/logits_cpu.cc): x @ tableᵀ for 1-32 rows
 as the XLA product, its gradient, and the tied projection choosing it only for few rows."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _normal(seed, shape):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 13, 32])
 @pytest.mark.parametrize("vocab,width", [(1001, 256), (37, 20), (3, 16)])  # odd V, D % 16
 def test_matches_the_xla_product(rows, vocab, width):
     x, table = _normal(rows, (rows, 1, width)), _normal(vocab, (vocab, width))
@@ -52,7 +52,7 @@ def test_tied_logits_use_it_for_few_rows_only():
         jaxpr = str(jax.make_jaxpr(lambda x, t: tied_logits(x, t, jnp.float32))(x, table))
         return "lm_small_logits" in jaxpr
 
-    assert uses_kernel(1) and uses_kernel(8)
+    assert uses_kernel(1) and uses_kernel(8) and uses_kernel(kernel.MAX_ROWS)
     assert not uses_kernel(kernel.MAX_ROWS + 1)  # a real GEMM: XLA's
     x = _normal(2, (8, 1, 32))
     np.testing.assert_allclose(tied_logits(x, table, jnp.float32), x @ table.T, rtol=1e-5,
