@@ -22,9 +22,10 @@ pytestmark = pytest.mark.skipif(
     reason="the CPU kernels need AVX-512 or AVX2 and a C++ compiler here")
 
 
-def _reference(q, keys, values, allowed, scale):
+def _reference(q, keys, values, allowed, scale, bias=None):
     """float64 softmax attention per n = b * G + g; zeros for a row with no allowed key."""
     q, keys, values = (np.asarray(a, np.float64) for a in (q, keys, values))
+    bias = 0.0 if bias is None else np.asarray(bias, np.float64)
     allowed = np.asarray(allowed)
     n, r, k = q.shape
     groups = n // allowed.shape[0]
@@ -33,7 +34,7 @@ def _reference(q, keys, values, allowed, scale):
         ok = allowed[i // groups]
         if not ok.any():
             continue
-        logits = scale * q[i] @ keys[i]  # [R, S]
+        logits = scale * q[i] @ keys[i] + (bias if np.isscalar(bias) else bias[i])  # [R, S]
         logits = np.where(ok, logits, -np.inf)
         p = np.exp(logits - logits.max(-1, keepdims=True))
         out[i] = (p / p.sum(-1, keepdims=True)) @ values[i]
@@ -68,6 +69,17 @@ def test_matches_a_softmax_reference(b, groups, r, k, s):
                                rtol=2e-5, atol=2e-6)
 
 
+def test_a_logit_bias_is_added_after_the_scale():
+    """T5's relative-position bias [N, R, S] (the second handler)."""
+    b, groups, r, k, s = 3, 2, 2, 32, 45
+    q, keys, values, allowed = _inputs(7, b, groups, r, k, s)
+    bias = jnp.asarray(np.random.default_rng(8).normal(size=(b * groups, r, s)) * 2,
+                       jnp.float32)
+    got = kernel.cached(q, keys, values, allowed, 1.0, bias)
+    np.testing.assert_allclose(got, _reference(q, keys, values, allowed, 1.0, bias),
+                               rtol=2e-5, atol=2e-6)
+
+
 def test_keys_and_values_past_the_last_allowed_are_never_read():
     """The cache's unfilled slots may hold anything (here NaN): they are not read."""
     b, groups, k, s = 2, 2, 32, 100
@@ -89,9 +101,13 @@ def test_cached_attention_kernel_equals_its_xla_path():
     mask = masks.Mask(q_segment_ids=jnp.ones((b, 1), jnp.int32), kv_segment_ids=seg,
                       q_positions=jnp.full((b, 1), 13), kv_positions=kv_pos, causal=True)
     q_b1hk = q.reshape(b, 1, groups * r, k)
-    got = attention_lib.cached_attention(q_b1hk, keys, values, mask, None, None, kernel=True)
-    want = attention_lib.cached_attention(q_b1hk, keys, values, mask, None, None)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    bias = jnp.asarray(np.random.default_rng(2).normal(size=(1, groups * r, 1, s)),
+                       jnp.float32)  # broadcast over rows, as T5's relative bias
+    for bias_bhls in (None, bias):
+        got = attention_lib.cached_attention(q_b1hk, keys, values, mask, bias_bhls, None,
+                                             kernel=True)
+        want = attention_lib.cached_attention(q_b1hk, keys, values, mask, bias_bhls, None)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 
 def _decode_step_jaxpr(cfg):

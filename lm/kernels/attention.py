@@ -123,13 +123,18 @@ attention_packed.defvjp(_packed_fwd, _packed_bwd)
 
 
 def cached(q_NRK: jnp.ndarray, keys_NKS: jnp.ndarray, values_NSK: jnp.ndarray,
-           allowed_BS: jnp.ndarray, scale: float) -> jnp.ndarray:
+           allowed_BS: jnp.ndarray, scale: float, bias_NRS: jnp.ndarray | None = None
+           ) -> jnp.ndarray:
     """One decoding step over the KV cache in its stored layouts (lm.models.attention):
-    softmax(scale q kᵀ over the keys where `allowed_BS`) v for every row and key/value
-    head n = b * G + g and its R query heads, reading only the keys between each row's
-    first and last allowed one; a query with no allowed key gets zeros. fp32, CPU only
-    (`packed_usable`); no gradient (decoding)."""
+    softmax(scale q kᵀ [+ bias] over the keys where `allowed_BS`) v for every row and
+    key/value head n = b * G + g and its R query heads, reading only the keys between each
+    row's first and last allowed one; a query with no allowed key gets zeros. fp32, CPU
+    only (`packed_usable`); no gradient (decoding)."""
     build.require()
     out_type = jax.ShapeDtypeStruct(q_NRK.shape, jnp.float32)
-    return jax.ffi.ffi_call("lm_decode_attention", out_type, vmap_method="sequential")(
-        q_NRK, keys_NKS, values_NSK, allowed_BS, scale=np.float32(scale))
+    if bias_NRS is None:
+        return jax.ffi.ffi_call("lm_decode_attention", out_type, vmap_method="sequential")(
+            q_NRK, keys_NKS, values_NSK, allowed_BS, scale=np.float32(scale))
+    return jax.ffi.ffi_call("lm_decode_attention_bias", out_type, vmap_method="sequential")(
+        q_NRK, keys_NKS, values_NSK, allowed_BS, bias_NRS.astype(jnp.float32),
+        scale=np.float32(scale))

@@ -9,6 +9,7 @@
 // between a row's first and last allowed one are read (on average half of the cache while
 // it fills), the logits stay in a scratch row, and the (row, head) pairs run on XLA's
 // intra-op thread pool. A query with no allowed key gets zeros (as the attention kernel).
+// A logit bias (T5's relative positions) is taken by the second handler.
 
 #include "cpu_common.h"
 
@@ -74,10 +75,10 @@ void WeightedValues(const float* p, const float* values, int64_t k_dim, int64_t 
   }
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                               ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
-                               ffi::Buffer<ffi::PRED> allowed, ffi::ResultBuffer<ffi::F32> out,
-                               float scale) {
+// `bias` (or null): a logit bias [N, R, S] added after the scale (T5's relative positions).
+ffi::Error Decode(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& keys,
+                  ffi::Buffer<ffi::F32>& values, ffi::Buffer<ffi::PRED>& allowed,
+                  const float* bias, ffi::ResultBuffer<ffi::F32>& out, float scale) {
   const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions(),
              md = allowed.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 2 || qd[0] != kd[0] ||
@@ -104,6 +105,10 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         continue;
       }
       Logits(Q + (i * r + h) * k_dim, KEYS + i * k_dim * s, k_dim, s, lo, hi, scale, logits);
+      if (bias != nullptr) {
+        const float* row = bias + (i * r + h) * s;
+        for (int64_t j = lo; j < hi; ++j) logits[j] += row[j];
+      }
       float mx = -std::numeric_limits<float>::infinity();
       bool holes = false;  // masked keys inside the span (padding): zeroed after the exp
       for (int64_t j = lo; j < hi; ++j) {
@@ -126,7 +131,37 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                               ffi::Buffer<ffi::PRED> allowed, ffi::ResultBuffer<ffi::F32> out,
+                               float scale) {
+  return Decode(pool, q, keys, values, allowed, nullptr, out, scale);
+}
+
+ffi::Error DecodeAttentionBiasImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                   ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                                   ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::F32> bias,
+                                   ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const auto qd = q.dimensions(), bd = bias.dimensions(), kd = keys.dimensions();
+  if (bd.size() != 3 || qd.size() != 3 || kd.size() != 3 || bd[0] != qd[0] ||
+      bd[1] != qd[1] || bd[2] != kd[2]) {
+    return ffi::Error::InvalidArgument("need a logit bias [N, R, S]");
+  }
+  return Decode(pool, q, keys, values, allowed, bias.typed_data(), out, scale);
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmDecodeAttentionBias, DecodeAttentionBiasImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()

@@ -327,9 +327,8 @@ class Attention(nn.Module):
         if self.decode and not self.cross:
             cache = self._update_cache(k_BSGK, v_BSGK)  # None at init (shapes only)
             if cache is not None and q_BLHK.shape[1] == 1 and not return_probs:
-                kernel = _kernel_applies(cfg.attention_impl, bias_BHLS, False, False)
                 return out(cached_attention(q_BLHK, *cache, mask, bias_BHLS, scale,
-                                            kernel=kernel))
+                                            kernel=cfg.attention_impl == "einsum"))
             if cache is not None:
                 k_BSGK, v_BSGK = _cache_views(*cache, q_BLHK.shape[0])
 
@@ -382,19 +381,22 @@ def cached_attention(q_B1HK: jnp.ndarray, ck_NKS: jnp.ndarray, cv_NSK: jnp.ndarr
                      *, kernel: bool = False) -> jnp.ndarray:
     """One query per row over the stored cache (a decode step): `dot_product_attention`'s
     einsum path written on the cache's own [B*G, ...] layout, so both products read it in
-    place. Logits and softmax in fp32; returns [B, 1, H, K]. With `kernel` (no logit
-    bias), fp32 operands on the CPU go to lm's decoding kernel, which reads only the
-    filled part of the cache (`lm.kernels.attention.cached`)."""
+    place. Logits and softmax in fp32; returns [B, 1, H, K]. With `kernel`, fp32 operands
+    on the CPU go to lm's decoding kernel (with the logit bias if any), which reads only
+    the filled part of the cache (`lm.kernels.attention.cached`)."""
     b, _, h, k = q_B1HK.shape
     n, _, s = ck_NKS.shape
     g = n // b
     r = h // g
     q_NRK = q_B1HK.reshape(n, r, k)
-    if (kernel and bias_BHLS is None and q_NRK.dtype == ck_NKS.dtype == cv_NSK.dtype
+    if (kernel and q_NRK.dtype == ck_NKS.dtype == cv_NSK.dtype
             and cpu_kernels.packed_usable(q_NRK.dtype)):
         allowed_BS = jnp.ones((b, s), bool) if mask is None else mask.allowed()[:, 0, 0]
+        bias_NRS = None if bias_BHLS is None else jnp.broadcast_to(
+            bias_BHLS.astype(jnp.float32), (b, h, 1, s)).reshape(n, r, s)
         scale = k**-0.5 if scale is None else scale
-        return cpu_kernels.cached(q_NRK, ck_NKS, cv_NSK, allowed_BS, scale).reshape(b, 1, h, k)
+        return cpu_kernels.cached(q_NRK, ck_NKS, cv_NSK, allowed_BS, scale,
+                                  bias_NRS).reshape(b, 1, h, k)
     if scale != 1.0:
         q_NRK = q_NRK * jnp.asarray(k**-0.5 if scale is None else scale, q_NRK.dtype)
     logits_NRS = jnp.einsum("nrk,nks->nrs", q_NRK, ck_NKS, preferred_element_type=jnp.float32)
