@@ -169,7 +169,7 @@ def test_tied_logits_use_tied_product_on_cpu_in_fp32_only(monkeypatch):
     from lm.models.layers import tied_logits
 
     # more rows than lm.kernels.logits takes (decoding's few rows have their own kernel)
-    x, table = _normal(0, (2, 5, 8)), _normal(1, (11, 8))
+    x, table = _normal(0, (2, 17, 8)), _normal(1, (11, 8))  # 34 rows
 
     def traced(dtype):
         return str(jax.make_jaxpr(lambda x, t: tied_logits(x, t, dtype))(x, table))
