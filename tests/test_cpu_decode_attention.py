@@ -70,7 +70,7 @@ def test_matches_a_softmax_reference(b, groups, r, k, s):
 
 
 def test_a_logit_bias_is_added_after_the_scale():
-    """T5's relative-position bias [N, R, S] (the second handler)."""
+    """T5's relative-position bias [N, R, S] (the optional operand)."""
     b, groups, r, k, s = 3, 2, 2, 32, 45
     q, keys, values, allowed = _inputs(7, b, groups, r, k, s)
     bias = jnp.asarray(np.random.default_rng(8).normal(size=(b * groups, r, s)) * 2,

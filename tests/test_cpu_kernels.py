@@ -231,7 +231,7 @@ def test_the_avx2_build_matches_the_einsum_path(tmp_path, monkeypatch):
     allowed = jnp.arange(41)[None] < jnp.array([[41], [30], [3]])
     got = jax.ffi.ffi_call("lm_decode_attention_avx2", jax.ShapeDtypeStruct(qn.shape,
                                                                             jnp.float32))(
-        qn, keys, values, allowed, scale=np.float32(0.2))
+        qn, keys, values, allowed, jnp.zeros((0,)), scale=np.float32(0.2))
     np.testing.assert_allclose(got, kernel.cached(qn, keys, values, allowed, 0.2), rtol=1e-5,
                                atol=1e-6)
 

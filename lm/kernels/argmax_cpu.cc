@@ -57,6 +57,17 @@ int32_t RowArgmax(const float* x, int64_t v) {
   return 0;
 }
 
+// body(r) for every row: over XLA's threads where rows are long (decoding's vocabularies),
+// inline where a task would cost more than the row.
+void EachRow(ffi::ThreadPool& pool, int64_t rows, int64_t v,
+             const std::function<void(int64_t)>& body) {
+  if (rows > 1 && v >= 4096) {
+    ParallelFor(pool, rows, body);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) body(r);
+  }
+}
+
 constexpr int64_t kBlock = 256;  // lm.generate.categorical_from_uniform's `block`
 
 // exp(x - mx) with exactly 0 below e^-87 (a -inf logit: probability 0, never drawn).
@@ -88,14 +99,7 @@ inline int64_t FirstAbove(const float* w, int64_t n, float t) {
 }
 
 int32_t RowSample(const float* x, int64_t v, float u) {
-  vf m = Splat(-INFINITY);
-  int64_t j = 0;
-  for (; j + kLanes <= v; j += kLanes) {
-    const vf a = Load(x + j);
-    m = a > m ? a : m;
-  }
-  float mx = HorizontalMax(m);
-  for (; j < v; ++j) mx = x[j] > mx ? x[j] : mx;
+  const float mx = RowMax(x, v);
   const int64_t blocks = (v + kBlock - 1) / kBlock;
   float* sums = Scratch(0, blocks);
   for (int64_t b = 0; b < blocks; ++b)
@@ -125,11 +129,7 @@ ffi::Error SampleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* X = x.typed_data();
   const float* U = u.typed_data();
   int32_t* O = out->typed_data();
-  if (rows > 1 && v >= 4096) {
-    ParallelFor(pool, rows, [&](int64_t r) { O[r] = RowSample(X + r * v, v, U[r]); });
-  } else {
-    for (int64_t r = 0; r < rows; ++r) O[r] = RowSample(X + r * v, v, U[r]);
-  }
+  EachRow(pool, rows, v, [&](int64_t r) { O[r] = RowSample(X + r * v, v, U[r]); });
   return ffi::Error::Success();
 }
 
@@ -142,11 +142,7 @@ ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t v = dims.back(), rows = static_cast<int64_t>(x.element_count()) / v;
   const float* X = x.typed_data();
   int32_t* O = out->typed_data();
-  if (rows > 1 && v >= 4096) {  // decoding's rows over XLA's threads
-    ParallelFor(pool, rows, [&](int64_t r) { O[r] = RowArgmax(X + r * v, v); });
-  } else {
-    for (int64_t r = 0; r < rows; ++r) O[r] = RowArgmax(X + r * v, v);
-  }
+  EachRow(pool, rows, v, [&](int64_t r) { O[r] = RowArgmax(X + r * v, v); });
   return ffi::Error::Success();
 }
 

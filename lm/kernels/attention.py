@@ -131,10 +131,7 @@ def cached(q_NRK: jnp.ndarray, keys_NKS: jnp.ndarray, values_NSK: jnp.ndarray,
     row's first and last allowed one; a query with no allowed key gets zeros. fp32, CPU
     only (`packed_usable`); no gradient (decoding)."""
     build.require()
+    bias = jnp.zeros((0,), jnp.float32) if bias_NRS is None else bias_NRS.astype(jnp.float32)
     out_type = jax.ShapeDtypeStruct(q_NRK.shape, jnp.float32)
-    if bias_NRS is None:
-        return jax.ffi.ffi_call("lm_decode_attention", out_type, vmap_method="sequential")(
-            q_NRK, keys_NKS, values_NSK, allowed_BS, scale=np.float32(scale))
-    return jax.ffi.ffi_call("lm_decode_attention_bias", out_type, vmap_method="sequential")(
-        q_NRK, keys_NKS, values_NSK, allowed_BS, bias_NRS.astype(jnp.float32),
-        scale=np.float32(scale))
+    return jax.ffi.ffi_call("lm_decode_attention", out_type, vmap_method="sequential")(
+        q_NRK, keys_NKS, values_NSK, allowed_BS, bias, scale=np.float32(scale))

@@ -41,7 +41,6 @@ TARGETS = {
     "lm_cross_entropy_grad_bf16": "LmCrossEntropyGradBF16",
     "lm_row_argmax": "LmRowArgmax", "lm_row_sample": "LmRowSample",
     "lm_decode_attention": "LmDecodeAttention",
-    "lm_decode_attention_bias": "LmDecodeAttentionBias",
     "lm_small_logits": "LmSmallLogits", "lm_transpose": "LmTranspose", "lm_gemm": "LmGemm",
     "lm_gemm_acc": "LmGemmAcc",
     "lm_amx_chunk_stats_bf16": "LmAmxChunkStatsBF16",

@@ -9,7 +9,7 @@
 // between a row's first and last allowed one are read (on average half of the cache while
 // it fills), the logits stay in a scratch row, and the (row, head) pairs run on XLA's
 // intra-op thread pool. A query with no allowed key gets zeros (as the attention kernel).
-// A logit bias (T5's relative positions) is taken by the second handler.
+// A logit bias (T5's relative positions) is an optional operand.
 
 #include "cpu_common.h"
 
@@ -75,7 +75,7 @@ void WeightedValues(const float* p, const float* values, int64_t k_dim, int64_t 
   }
 }
 
-// `bias` (or null): a logit bias [N, R, S] added after the scale (T5's relative positions).
+// `bias` (or null): [N, R, S], added to the scaled logits.
 ffi::Error Decode(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& keys,
                   ffi::Buffer<ffi::F32>& values, ffi::Buffer<ffi::PRED>& allowed,
                   const float* bias, ffi::ResultBuffer<ffi::F32>& out, float scale) {
@@ -110,58 +110,40 @@ ffi::Error Decode(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<f
         for (int64_t j = lo; j < hi; ++j) logits[j] += row[j];
       }
       float mx = -std::numeric_limits<float>::infinity();
-      bool holes = false;  // masked keys inside the span (padding): zeroed after the exp
+      bool holes = false;  // masked keys inside the span (padding): -inf, then exactly 0
       for (int64_t j = lo; j < hi; ++j) {
         holes |= !m[j];
-        mx = m[j] && logits[j] > mx ? logits[j] : mx;
+        logits[j] = m[j] ? logits[j] : -std::numeric_limits<float>::infinity();
+        mx = logits[j] > mx ? logits[j] : mx;
       }
-      vf sum = Splat(0.0f);
-      int64_t j = lo;
-      for (; j + kLanes <= hi; j += kLanes) Store(logits + j, ExpNonPositive(Load(logits + j) - mx));
-      for (; j < hi; ++j) logits[j] = std::exp(logits[j] - mx);
-      if (holes) {
-        for (j = lo; j < hi; ++j) logits[j] = m[j] ? logits[j] : 0.0f;
+      const float total = ExpSum(logits + lo, hi - lo, mx, logits + lo);
+      if (holes) {  // (ExpNonPositive leaves e^-87 where a -inf was)
+        for (int64_t j = lo; j < hi; ++j) logits[j] = m[j] ? logits[j] : 0.0f;
       }
-      for (j = lo; j + kLanes <= hi; j += kLanes) sum += Load(logits + j);
-      float total = HorizontalSum(sum);
-      for (; j < hi; ++j) total += logits[j];
       WeightedValues(logits, VALUES + i * s * k_dim, k_dim, lo, hi, 1.0f / total, o);
     }
   });
   return ffi::Error::Success();
 }
 
+// `bias`: a logit bias [N, R, S] added after the scale (T5's relative positions), or an
+// empty array for none.
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
-                               ffi::Buffer<ffi::PRED> allowed, ffi::ResultBuffer<ffi::F32> out,
-                               float scale) {
-  return Decode(pool, q, keys, values, allowed, nullptr, out, scale);
-}
-
-ffi::Error DecodeAttentionBiasImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                                   ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
-                                   ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::F32> bias,
-                                   ffi::ResultBuffer<ffi::F32> out, float scale) {
+                               ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::F32> bias,
+                               ffi::ResultBuffer<ffi::F32> out, float scale) {
+  if (bias.element_count() == 0) {
+    return Decode(pool, q, keys, values, allowed, nullptr, out, scale);
+  }
   const auto qd = q.dimensions(), bd = bias.dimensions(), kd = keys.dimensions();
   if (bd.size() != 3 || qd.size() != 3 || kd.size() != 3 || bd[0] != qd[0] ||
       bd[1] != qd[1] || bd[2] != kd[2]) {
-    return ffi::Error::InvalidArgument("need a logit bias [N, R, S]");
+    return ffi::Error::InvalidArgument("need a logit bias [N, R, S] or an empty array");
   }
   return Decode(pool, q, keys, values, allowed, bias.typed_data(), out, scale);
 }
 
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmDecodeAttentionBias, DecodeAttentionBiasImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
@@ -170,5 +152,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));

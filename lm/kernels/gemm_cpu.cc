@@ -19,13 +19,14 @@
 
 namespace {
 
-// C[i][0..16 NV) = sum_k A[i][k] B[k][0..16 NV) for MR rows, accumulated over all of K.
+// C[i][0..16 NV) (+)= sum_k A[i][k] B[k][0..16 NV) for MR rows, accumulated over all of
+// K; with `Acc` C's values are added.
 // With `Prefetch` (a few rows of A: B is read once, from memory), B's row k + kAhead is
 // asked for at row k: B's rows lie F floats apart, a page or more for wide layers, where
 // the hardware prefetchers stop, so each row was a full memory latency.
 constexpr int64_t kAhead = 12;
 
-template <int MR, int NV, bool Prefetch>
+template <int MR, int NV, bool Prefetch, bool Acc = false>
 inline void Micro(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K,
                   float* C, int64_t ldc) {
   __m512 acc[MR][NV];
@@ -45,8 +46,12 @@ inline void Micro(const float* A, int64_t lda, const float* B, int64_t ldb, int6
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NV; ++v) {
+      float* c = C + i * ldc + 16 * v;
+      _mm512_storeu_ps(c, Acc ? _mm512_add_ps(acc[i][v], _mm512_loadu_ps(c)) : acc[i][v]);
+    }
+  }
 }
 
 // MR rows of C, columns [j0, j1) (multiples of 16).
@@ -100,44 +105,22 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-// C[i][..] (+)= A B for MR rows and the 16 columns of one vector, the last `mask` lanes
-// only (a matrix's last, partial vector of columns); with `Acc` C's values are added.
-template <int MR, bool Acc>
-inline void MicroTail(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K,
+// C[i][..] += A B for MR rows and the 16 columns of one vector, the `mask` lanes only (a
+// matrix's last, partial vector of columns).
+template <int MR>
+inline void MicroTailAcc(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K,
                       float* C, int64_t ldc, __mmask16 mask) {
   __m512 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const __m512 b = _mm512_maskz_loadu_ps(mask, B + k * ldb);
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + k]), b, acc[i]);
+    for (int i = 0; i < MR; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + k]), b, acc[i]);
   }
   for (int i = 0; i < MR; ++i) {
-    __m512 c = acc[i];
-    if constexpr (Acc) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(mask, C + i * ldc));
+    const __m512 c = _mm512_add_ps(acc[i], _mm512_maskz_loadu_ps(mask, C + i * ldc));
     _mm512_mask_storeu_ps(C + i * ldc, mask, c);
   }
-}
-
-// Micro<MR, NV> with C's values added (C += A B).
-template <int MR, int NV>
-inline void MicroAcc(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K,
-                     float* C, int64_t ldc) {
-  __m512 acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v)
-      _mm512_storeu_ps(C + i * ldc + 16 * v,
-                       _mm512_add_ps(acc[i][v], _mm512_loadu_ps(C + i * ldc + 16 * v)));
 }
 
 // MR rows of C += A B over columns [j0, j1) (any width; the matrix's last vector masked).
@@ -145,11 +128,11 @@ template <int MR>
 inline void RowsAcc(const float* A, int64_t K, const float* B, int64_t ldb, int64_t j0,
                     int64_t j1, float* C, int64_t ldc) {
   int64_t j = j0;
-  for (; j + 32 <= j1; j += 32) MicroAcc<MR, 2>(A, K, B + j, ldb, K, C + j, ldc);
-  for (; j + 16 <= j1; j += 16) MicroAcc<MR, 1>(A, K, B + j, ldb, K, C + j, ldc);
+  for (; j + 32 <= j1; j += 32) Micro<MR, 2, false, true>(A, K, B + j, ldb, K, C + j, ldc);
+  for (; j + 16 <= j1; j += 16) Micro<MR, 1, false, true>(A, K, B + j, ldb, K, C + j, ldc);
   if (j < j1) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (j1 - j)) - 1);
-    MicroTail<MR, true>(A, K, B + j, ldb, K, C + j, ldc, mask);
+    MicroTailAcc<MR>(A, K, B + j, ldb, K, C + j, ldc, mask);
   }
 }
 

@@ -116,6 +116,15 @@ using RowsFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, f
 constexpr RowsFn kRowsFor[kGroup + 1] = {nullptr,  Rows<1>, Rows<2>, Rows<3>, Rows<4>,
                                          Rows<5>,  Rows<6>, Rows<7>, Rows<8>};
 
+// Table rows [v0, v1) against all `rows` h rows, up to kGroup h rows in registers at a time.
+inline void GroupedRows(const float* H, const float* E, int64_t rows, int64_t d, int64_t v0,
+                        int64_t v1, float* O, int64_t vocab) {
+  for (int64_t m0 = 0; m0 < rows; m0 += kGroup) {
+    const int64_t g = std::min<int64_t>(kGroup, rows - m0);
+    kRowsFor[g](H + m0 * d, E, d, v0, v1, O + m0 * vocab, vocab);
+  }
+}
+
 #if defined(__AVX512F__)
 constexpr int64_t kBlock = 16;  // table rows per block: one Tile<1>, 2 Tile<2>, 4 Tile<4>
 
@@ -140,10 +149,7 @@ inline void TiledRows(const float* H, const float* E, int64_t rows, int64_t d, i
     }
     if (m < rows) TileBlock<1>(H + m * d, E + v * d, d, O + m * vocab + v, vocab);
   }
-  for (int64_t m0 = 0; v < v1 && m0 < rows; m0 += kGroup) {
-    const int64_t g = std::min<int64_t>(kGroup, rows - m0);
-    kRowsFor[g](H + m0 * d, E, d, v, v1, O + m0 * vocab, vocab);
-  }
+  if (v < v1) GroupedRows(H, E, rows, d, v, v1, O, vocab);
 }
 #endif
 
@@ -167,12 +173,7 @@ ffi::Error SmallLogitsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       return;
     }
 #endif
-    for (int64_t m0 = 0; m0 < rows; m0 += kGroup) {
-      const int64_t g = std::min<int64_t>(kGroup, rows - m0);
-      const float* h = H + m0 * d;
-      float* out = O + m0 * vocab;
-      kRowsFor[g](h, E, d, v0, v1, out, vocab);
-    }
+    GroupedRows(H, E, rows, d, v0, v1, O, vocab);
   });
   return ffi::Error::Success();
 }
