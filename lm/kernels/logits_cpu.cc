@@ -31,7 +31,7 @@ inline void RowDots(const float* h, const float* e, int64_t d, int64_t v, float*
     for (int p = 0; p < P; ++p) ev[p] = Load(e + p * d + k);
     for (int i = 0; i < G; ++i) {
       const vf hv = Load(h + i * d + k);
-      for (int p = 0; p < P; ++p) acc[i][p] += hv * ev[p];
+      for (int p = 0; p < P; ++p) acc[i][p] = Fma(hv, ev[p], acc[i][p]);
     }
   }
   for (int i = 0; i < G; ++i) {
@@ -101,7 +101,7 @@ __attribute__((always_inline)) inline void Tile(const float* h, const float* e, 
     for (int i = 0; i < G; ++i) {
       const vf hv = Load(h + i * d + k);
 #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) acc[i * P + p] += hv * ev[p];
+      for (int p = 0; p < P; ++p) acc[i * P + p] = Fma(hv, ev[p], acc[i * P + p]);
     }
   }
   const vf sums = SumsOf16(acc);
