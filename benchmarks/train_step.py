@@ -367,6 +367,8 @@ def main() -> None:
                 **({"mfu_vs_device_peak": round(gflops * 1e9 / peak, 3)}
                    if peak and impl == "lm" else {}),
                 "peak_rss_mb": round(peak_rss_mb(), 1), "cpu_flags": cpu_flags(),
+                **({"cpu_bf16_units": runtime.cpu_has_bf16_units()} if dtype == "bfloat16"
+                   and jax.default_backend() == "cpu" else {}),
                 **({"xla_flag": xla_flag} if impl == "lm" and xla_flag else {})}), flush=True)
     print_ratio(args, times, cpu_times)
 

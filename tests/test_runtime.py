@@ -221,3 +221,12 @@ def test_compilation_cache_is_read_by_a_later_process(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where the directory should be: no cache, no error
     assert run({"LM_COMPILATION_CACHE": str(blocked / "jax")})["dir"] == "None"
+
+
+def test_bf16_units_are_avx512_bf16_or_amx():
+    assert not runtime.cpu_has_bf16_units(["avx2"])
+    assert not runtime.cpu_has_bf16_units(["avx2", "avx512f"])  # AVX-512 alone converts
+    assert runtime.cpu_has_bf16_units(["avx2", "avx512f", "avx512_bf16"])
+    assert runtime.cpu_has_bf16_units(["amx_tile", "amx_bf16"])
+    assert runtime.cpu_has_bf16_units() == any(
+        f in runtime.cpu_flags() for f in ("avx512_bf16", "amx_bf16"))

@@ -4,13 +4,14 @@
 // With up to 8 rows and a 50257 x 256 fp32 table the product is bound by reading the
 // table (51 MB) once, but XLA's GEMM took 3.8 ms per batch-8 decoding step. Here every
 // table row is read once, straight from the table, in tasks of 256 vocabulary rows on
-// XLA's intra-op thread pool. With AVX-512 and a width that is a multiple of 16, tiles of
-// 4 h rows x 4 table rows (2 x 8, 1 x 16) keep 16 vector sums over the width and reduce
-// them together (SumsOf16): the batch-8 product 1.52 -> 1.06 ms, batch 1 0.77 -> 0.75 ms
-// (at the table's read time), against one horizontal sum per logit before; each block
-// of 16 table rows is read from memory once for all rows (32 rows: 2.85 ms against 3.28
-// in XLA's product). Otherwise up to 8 h rows in registers against two table rows at a
-// time.
+// XLA's intra-op thread pool. With a width that is a multiple of the vector (16 floats
+// with AVX-512, 8 with AVX2), tiles of 4 h rows x 4 table rows (2 x 8, 1 x 16; with AVX2
+// 4 x 2, 2 x 4, 1 x 8) keep one register of sums per (h row, table row) over the width
+// and reduce a register's worth of them together (SumsOfLanes): on AVX-512 the batch-8
+// product 1.52 -> 1.06 ms, batch 1 0.77 -> 0.75 ms (at the table's read time), against
+// one horizontal sum per logit before; each block of table rows is read from memory once
+// for all rows (32 rows: 2.85 ms against 3.28 in XLA's product). Otherwise up to 8 h
+// rows in registers against two table rows at a time.
 
 #include "cpu_common.h"
 
@@ -55,7 +56,7 @@ inline void Rows(const float* h, const float* E, int64_t d, int64_t v0, int64_t 
 // The 16 lane sums of a[0..15] as one vector: lane j = sum(a[j]). Four levels of shuffles
 // and adds (30 shuffles, 15 adds) instead of 16 separate horizontal sums (~10 ops each),
 // which made the batch-8 product compute-bound at twice the table's read time.
-__attribute__((always_inline)) inline vf SumsOf16(const vf* a) {
+__attribute__((always_inline)) inline vf SumsOfLanes(const vf* a) {
   // level 4 leaves lane 4q + t holding input 4t + q: feed the inputs transposed
   __m512 x[16];
 #pragma GCC unroll 4
@@ -84,12 +85,27 @@ __attribute__((always_inline)) inline vf SumsOf16(const vf* a) {
                            _mm512_shuffle_ps(d[0], d[1], 0xDD));
 }
 
-// G h rows x P = 16 / G table rows in 16 accumulators over the whole width (d a multiple
-// of 16), then one SumsOf16: out[i, v + p] for the tile, stored P at a time.
+#elif defined(__AVX2__)
+// The 8 lane sums of a[0..7] as one vector: lane j = sum(a[j]), every one added in the
+// same order ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)): two levels of horizontal adds,
+// then the two 128-bit halves.
+__attribute__((always_inline)) inline vf SumsOfLanes(const vf* a) {
+  __m256 t[4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) t[j] = _mm256_hadd_ps((__m256)a[2 * j], (__m256)a[2 * j + 1]);
+  const __m256 u0 = _mm256_hadd_ps(t[0], t[1]), u1 = _mm256_hadd_ps(t[2], t[3]);
+  return (vf)_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                           _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// G h rows x P = kLanes / G table rows in kLanes accumulators over the whole width (d a
+// multiple of kLanes), then one SumsOfLanes: out[i, v + p] for the tile, P at a time.
 template <int G>
 __attribute__((always_inline)) inline void Tile(const float* h, const float* e, int64_t d,
                                                 float* out, int64_t out_stride) {
-  constexpr int P = 16 / G;
+  constexpr int P = kLanes / G;
   vf acc[G * P];
 #pragma GCC unroll 16
   for (int j = 0; j < G * P; ++j) acc[j] = Splat(0.0f);
@@ -104,7 +120,7 @@ __attribute__((always_inline)) inline void Tile(const float* h, const float* e, 
       for (int p = 0; p < P; ++p) acc[i * P + p] = Fma(hv, ev[p], acc[i * P + p]);
     }
   }
-  const vf sums = SumsOf16(acc);
+  const vf sums = SumsOfLanes(acc);
 #pragma GCC unroll 16
   for (int i = 0; i < G; ++i)
     std::memcpy(out + i * out_stride, reinterpret_cast<const float*>(&sums) + i * P, 4 * P);
@@ -125,18 +141,19 @@ inline void GroupedRows(const float* H, const float* E, int64_t rows, int64_t d,
   }
 }
 
-#if defined(__AVX512F__)
-constexpr int64_t kBlock = 16;  // table rows per block: one Tile<1>, 2 Tile<2>, 4 Tile<4>
+#if defined(__AVX512F__) || defined(__AVX2__)
+constexpr int64_t kBlock = kLanes;  // table rows per block: one Tile<1>, 2 Tile<2>, ...
 
 template <int G>
 inline void TileBlock(const float* h, const float* e, int64_t d, float* out, int64_t stride) {
-  constexpr int P = 16 / G;
+  constexpr int P = kLanes / G;
   for (int t = 0; t < kBlock / P; ++t) Tile<G>(h, e + t * P * d, d, out + t * P, stride);
 }
 
-// Table rows [v0, v1) against all `rows` h rows (d a multiple of 16): each block of 16
-// table rows (16 KB at d = 256) is read from memory once, by the first group of h rows
-// (4, then 2, then 1 at a time), and from L1 by the others; the last < 16 rows as before.
+// Table rows [v0, v1) against all `rows` h rows (d a multiple of kLanes): each block of
+// kLanes table rows (16 KB at d = 256 with AVX-512) is read from memory once, by the first
+// group of h rows (4, then 2, then 1 at a time), and from L1 by the others; the last
+// < kLanes rows as before.
 inline void TiledRows(const float* H, const float* E, int64_t rows, int64_t d, int64_t v0,
                       int64_t v1, float* O, int64_t vocab) {
   int64_t v = v0;
@@ -167,7 +184,7 @@ ffi::Error SmallLogitsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* O = logits->typed_data();
   ParallelFor(pool, (vocab + kVocabPerTask - 1) / kVocabPerTask, [&](int64_t task) {
     const int64_t v0 = task * kVocabPerTask, v1 = std::min(vocab, v0 + kVocabPerTask);
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
     if (d % kLanes == 0) {
       TiledRows(H, E, rows, d, v0, v1, O, vocab);
       return;
