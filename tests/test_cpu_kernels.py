@@ -223,7 +223,19 @@ def test_the_avx2_build_matches_the_einsum_path(tmp_path, monkeypatch):
     ref = _xla_path(lambda *a: dot_product_attention(*a, mask))(q, key, v)
     valid = (mask.q_segment_ids != 0)[:, :, None, None]
     np.testing.assert_allclose(out * valid, ref * valid, rtol=1e-5, atol=2e-6)
-    assert lib.LmGemmBuilt() == 0  # no AVX-512 product in this build: lm.kernels.gemm off
+    assert lib.LmGemmBuilt() == 8  # the product in 8-float registers (decoding's rows)
+    jax.ffi.register_ffi_target("lm_gemm_avx2", jax.ffi.pycapsule(lib.LmGemm), platform="cpu")
+    jax.ffi.register_ffi_target("lm_gemm_acc_avx2", jax.ffi.pycapsule(lib.LmGemmAcc),
+                                platform="cpu")
+    a, b, c = _normal(6, (29, 40)), _normal(7, (40, 80)), _normal(8, (29, 80))
+    a64, b64, c64 = (np.asarray(t, np.float64) for t in (a, b, c))
+    for n in (29, 9):  # 6 x 16 tiles; FewRows' 64-column strip and tail
+        got = jax.ffi.ffi_call("lm_gemm_avx2", jax.ShapeDtypeStruct((n, 80), jnp.float32))(
+            a[:n], b)
+        np.testing.assert_allclose(got, a64[:n] @ b64, rtol=1e-5, atol=1e-4)
+    acc = jax.ffi.ffi_call("lm_gemm_acc_avx2", jax.ShapeDtypeStruct((29, 45), jnp.float32))(
+        a, b[:, :45], c[:, :45])  # masked lanes: 45 = 5 x 8 + 5
+    np.testing.assert_allclose(acc, c64[:, :45] + a64 @ b64[:, :45], rtol=1e-5, atol=1e-4)
     # the decoding kernel's 8-float form against the default build's
     jax.ffi.register_ffi_target("lm_decode_attention_avx2",
                                 jax.ffi.pycapsule(lib.LmDecodeAttention), platform="cpu")
@@ -332,14 +344,16 @@ def _gemm_or_skip():
     from lm.kernels import gemm
 
     if not gemm.usable(jnp.zeros((1, 16)), jnp.zeros((16, 16))):
-        pytest.skip("the product kernel needs AVX-512")
+        pytest.skip("the product kernel needs AVX-512 or AVX2")
     return gemm
 
 
-# (N, K, F): row tails of every size below 12, blocks of 48 rows, the column split of few
-# row blocks (N < 8 * 48), F an odd multiple of 16, K = 1, one row
+# (N, K, F): row tails of every size below 12 (AVX2: 6), blocks of 48 rows (24), the
+# column split of few row blocks (N < 8 * 48), F an odd multiple of 16, K = 1, one row,
+# at most 12 rows (decoding: AVX2's FewRows, strips of 64 columns and their tail)
 @pytest.mark.parametrize("n,k,f", [(768, 128, 384), (13, 128, 48), (100, 33, 32),
-                                   (37, 64, 1024), (1, 7, 16), (400, 1, 80), (11, 512, 128)])
+                                   (37, 64, 1024), (1, 7, 16), (400, 1, 80), (11, 512, 128),
+                                   (8, 256, 208), (3, 40, 80)])
 def test_gemm_kernel_is_the_product(n, k, f):
     gemm = _gemm_or_skip()
     a, b = _normal(1, (n, k)), _normal(2, (k, f))
@@ -351,21 +365,24 @@ def test_gemm_kernel_is_the_product(n, k, f):
     np.testing.assert_array_equal(jax.jit(gemm.matmul)(a[: (n + 1) // 2], b), got[: (n + 1) // 2])
 
 
-def test_dense_layer_products_run_in_the_gemm_kernel(monkeypatch):
+@pytest.mark.parametrize("length", [5, 30])  # 10 rows (decoding's), 60
+def test_dense_layer_products_run_in_the_gemm_kernel(monkeypatch, length):
     """dense_product's value and both gradients with the kernel (forward and x-gradient
     products in lm_gemm, the kernel gradient in XLA's product) equal XLA's path; not used
-    for widths off the vector, other dtypes, explicit dimensions or with the switch off."""
+    for widths off the vector, other dtypes, explicit dimensions or with the switch off,
+    nor with AVX2 for more than AVX2_MAX_ROWS rows."""
     gemm = _gemm_or_skip()
     from lm.models import custom_grads
 
-    x, w, g = _normal(1, (2, 30, 64)), _normal(2, (64, 96)), _normal(3, (2, 30, 96))
+    x, w, g = _normal(1, (2, length, 64)), _normal(2, (64, 96)), _normal(3, (2, length, 96))
+    calls = 2 if gemm.built_width() == 16 or 2 * length <= gemm.AVX2_MAX_ROWS else 0
 
     def loss(x, w):
         return jnp.sum(custom_grads.dense_product(x, w) * g)
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     hlo = fn.lower(x, w).compile().as_text()
-    assert hlo.count('custom_call_target="lm_gemm"') == 2
+    assert hlo.count('custom_call_target="lm_gemm"') == calls
     (value, (dx, dw)) = fn(x, w)
     x64, w64, g64 = (np.asarray(t, np.float64) for t in (x, w, g))
     np.testing.assert_allclose(value, np.sum((x64 @ w64) * g64), rtol=1e-5)
@@ -389,7 +406,7 @@ def test_dense_layer_products_run_in_the_gemm_kernel(monkeypatch):
 def test_accumulating_product_adds_into_c(n, k, f):
     gemm = _gemm_or_skip()
     a, b, c = _normal(1, (n, k)), _normal(2, (k, f)), _normal(3, (n, f))
-    assert gemm.usable_acc(c, a, b)
+    assert gemm.usable_acc(c, a, b) == (gemm.built_width() == 16)  # AVX2: XLA's sum
     want = np.asarray(c, np.float64) + np.asarray(a, np.float64) @ np.asarray(b, np.float64)
     got = jax.jit(gemm.matmul_acc)(c, a, b)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
@@ -410,7 +427,9 @@ def test_accumulating_product_adds_into_c(n, k, f):
 def test_the_fused_loss_adds_its_table_gradient_in_the_kernel(monkeypatch):
     """The fused cross-entropy's table gradient (summed over chunks) in lm_gemm_acc equals
     XLA's sum; the switch and bf16 keep XLA's."""
-    _gemm_or_skip()
+    gemm = _gemm_or_skip()
+    if gemm.built_width() != 16:
+        pytest.skip("the fused loss adds its table gradient in the kernel on AVX-512 only")
     from lm.objectives import losses
 
     x, table = _normal(1, (4, 24, 32)), _normal(2, (2101, 32))  # the kernel's vocabularies

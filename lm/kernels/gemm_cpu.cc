@@ -1,24 +1,58 @@
 // fp32 matrix products C [N, F] = A [N, K] B [K, F] as an XLA FFI custom call
 // (lm/kernels/gemm.py builds and registers it), for the dense layers' forward and
-// input-gradient products on AVX-512 CPUs.
+// input-gradient products, and C += A B in place for the table gradient's chunk sum.
 //
 // At the sizes of small models (768 x 128 x 512 in a `char_lm:baby` step, 2048 x 256 x
 // 1024 in GPT / BERT 4x256) XLA:CPU's YNNPACK products ran at 70-90 % of what this
-// straightforward kernel reaches: 12 rows x 32 columns of C in 24 AVX-512 accumulators,
-// A's elements broadcast, B's rows read in place (no packing: at these K a 32-column
-// panel of B stays in L1 / L2), the rows of C split over XLA's intra-op thread pool in
-// blocks of 48 (and the columns in blocks of 128 when there are fewer than 8 row blocks).
-// With at most 12 rows (decoding) B's rows are prefetched ahead: greedy decoding at
-// batch 8 1.04x (README, Performance). F must be a multiple of 16. Built for other CPUs, the handler returns an error (Python
-// calls it only where the CPU has AVX-512).
+// straightforward kernel reaches on AVX-512: 12 rows x 32 columns of C in 24 AVX-512
+// accumulators, A's elements broadcast, B's rows read in place (no packing: at these K a
+// 32-column panel of B stays in L1 / L2), the rows of C split over XLA's intra-op thread
+// pool in blocks of 48 (and the columns in blocks of 128 when there are fewer than 8 row
+// blocks). With at most 12 rows (decoding) B's rows are prefetched ahead: greedy decoding
+// at batch 8 1.04x (README, Performance). With AVX2 the same code runs 6 x 16 tiles in 12
+// of its 16 registers, slower than YNNPACK on an AMD EPYC (768 x 128 x 512 0.67-0.77 ms
+// against 0.62-0.70), so Python calls it there for decoding's few rows only (FewRows).
+// F must be a multiple of 16. Built for a CPU with neither, the handlers return an error.
 
 #include "cpu_common.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 
 namespace {
 
-// C[i][0..16 NV) (+)= sum_k A[i][k] B[k][0..16 NV) for MR rows, accumulated over all of
+// One register of C's columns and the few operations the products need (Fma: cpu_common).
+#if defined(__AVX512F__)
+typedef __m512 V;
+typedef __mmask16 Mask;
+constexpr int kW = 16;         // floats per register
+constexpr int kMaxRows = 12;  // 12 x 2 accumulators + 2 B vectors + 1 broadcast <= 32
+inline V Zero() { return _mm512_setzero_ps(); }
+inline V LoadU(const float* p) { return _mm512_loadu_ps(p); }
+inline void StoreU(float* p, V x) { _mm512_storeu_ps(p, x); }
+inline V Bcast(float x) { return _mm512_set1_ps(x); }
+inline V Add(V a, V b) { return _mm512_add_ps(a, b); }
+inline Mask FirstLanes(int64_t n) { return static_cast<Mask>((1u << n) - 1); }
+inline V MaskLoad(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+inline void MaskStore(float* p, Mask m, V x) { _mm512_mask_storeu_ps(p, m, x); }
+#else
+typedef __m256 V;
+typedef __m256i Mask;
+constexpr int kW = 8;
+constexpr int kMaxRows = 6;  // 6 x 2 accumulators + 2 B vectors + 1 broadcast <= 16
+inline V Zero() { return _mm256_setzero_ps(); }
+inline V LoadU(const float* p) { return _mm256_loadu_ps(p); }
+inline void StoreU(float* p, V x) { _mm256_storeu_ps(p, x); }
+inline V Bcast(float x) { return _mm256_set1_ps(x); }
+inline V Add(V a, V b) { return _mm256_add_ps(a, b); }
+inline Mask FirstLanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline V MaskLoad(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
+inline void MaskStore(float* p, Mask m, V x) { _mm256_maskstore_ps(p, m, x); }
+#endif
+
+// C[i][0..kW NV) (+)= sum_k A[i][k] B[k][0..kW NV) for MR rows, accumulated over all of
 // K; with `Acc` C's values are added.
 // With `Prefetch` (a few rows of A: B is read once, from memory), B's row k + kAhead is
 // asked for at row k: B's rows lie F floats apart, a page or more for wide layers, where
@@ -28,46 +62,44 @@ constexpr int64_t kAhead = 12;
 template <int MR, int NV, bool Prefetch, bool Acc = false>
 inline void Micro(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K,
                   float* C, int64_t ldc) {
-  __m512 acc[MR][NV];
+  V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[i][v] = Zero();
   for (int64_t k = 0; k < K; ++k) {
     if constexpr (Prefetch) {
-      for (int v = 0; v < NV; ++v)
-        _mm_prefetch(reinterpret_cast<const char*>(B + (k + kAhead) * ldb + 16 * v),
+      for (int v = 0; v < NV; v += 64 / (4 * kW) > 0 ? 64 / (4 * kW) : 1)
+        _mm_prefetch(reinterpret_cast<const char*>(B + (k + kAhead) * ldb + kW * v),
                      _MM_HINT_T0);
     }
-    __m512 b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = LoadU(B + k * ldb + kW * v);
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
-      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
+      const V a = Bcast(A[i * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = Fma(a, b[v], acc[i][v]);
     }
   }
   for (int i = 0; i < MR; ++i) {
     for (int v = 0; v < NV; ++v) {
-      float* c = C + i * ldc + 16 * v;
-      _mm512_storeu_ps(c, Acc ? _mm512_add_ps(acc[i][v], _mm512_loadu_ps(c)) : acc[i][v]);
+      float* c = C + i * ldc + kW * v;
+      StoreU(c, Acc ? Add(acc[i][v], LoadU(c)) : acc[i][v]);
     }
   }
 }
 
-// MR rows of C, columns [j0, j1) (multiples of 16).
+// MR rows of C, columns [j0, j1) (multiples of kW).
 template <int MR>
 inline void Rows(const float* A, int64_t K, const float* B, int64_t F, int64_t j0, int64_t j1,
                  float* C, bool few_rows) {
   int64_t j = j0;
   if (few_rows) {
-    for (; j + 32 <= j1; j += 32) Micro<MR, 2, true>(A, K, B + j, F, K, C + j, F);
-    for (; j + 16 <= j1; j += 16) Micro<MR, 1, true>(A, K, B + j, F, K, C + j, F);
+    for (; j + 2 * kW <= j1; j += 2 * kW) Micro<MR, 2, true>(A, K, B + j, F, K, C + j, F);
+    for (; j + kW <= j1; j += kW) Micro<MR, 1, true>(A, K, B + j, F, K, C + j, F);
     return;
   }
-  for (; j + 32 <= j1; j += 32) Micro<MR, 2, false>(A, K, B + j, F, K, C + j, F);
-  for (; j + 16 <= j1; j += 16) Micro<MR, 1, false>(A, K, B + j, F, K, C + j, F);
+  for (; j + 2 * kW <= j1; j += 2 * kW) Micro<MR, 2, false>(A, K, B + j, F, K, C + j, F);
+  for (; j + kW <= j1; j += kW) Micro<MR, 1, false>(A, K, B + j, F, K, C + j, F);
 }
-
-constexpr int kMaxRows = 12;  // 12 x 2 accumulators + 2 B vectors + 1 broadcast <= 32
 
 template <int MR = kMaxRows>
 void RowsUpTo(int64_t m, const float* A, int64_t K, const float* B, int64_t F, int64_t j0,
@@ -79,6 +111,21 @@ void RowsUpTo(int64_t m, const float* A, int64_t K, const float* B, int64_t F, i
 }
 
 constexpr int64_t kTaskRows = 4 * kMaxRows, kTaskCols = 128;
+constexpr int64_t kFewRows = 12;  // at most this many rows of A: B's rows prefetched
+
+// At most kFewRows rows with AVX2 (decoding), one row at a time against strips of 8
+// vectors (4 cache lines of each B row, prefetched; the strip's later rows from L1 / L2):
+// AVX2's 2-vector tiles read one line of each B row per pass, 0.8x XLA's speed at one row
+// (decoding's products on 75 MB of weights, 1 row: 4.2-5.2 ms against XLA's 4.7-5.8 and
+// 6.6-8.5 with the tiles; 8 rows: 8.5 against 10.5-12.2; README, Performance).
+inline void FewRows(int64_t m, const float* A, int64_t K, const float* B, int64_t F,
+                    int64_t j0, int64_t j1, float* C) {
+  int64_t j = j0;
+  for (; j + 8 * kW <= j1; j += 8 * kW)
+    for (int64_t r = 0; r < m; ++r) Micro<1, 8, true>(A + r * K, K, B + j, F, K, C + r * F + j, F);
+  for (; j + kW <= j1; j += kW)
+    for (int64_t r = 0; r < m; ++r) Micro<1, 1, true>(A + r * K, K, B + j, F, K, C + r * F + j, F);
+}
 
 ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                     ffi::ResultBuffer<ffi::F32> c) {
@@ -90,13 +137,14 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<f
   const float* B = b.typed_data();
   float* C = c->typed_data();
   const int64_t row_tasks = (N + kTaskRows - 1) / kTaskRows;
-  const bool few_rows = N <= kMaxRows;  // decoding: B streamed from memory once
+  const bool few_rows = N <= kFewRows;  // decoding: B streamed from memory once
   // whole rows per task, unless there are too few row blocks to spread over the threads
   const int64_t cols = row_tasks >= 8 ? F : kTaskCols;
   const int64_t col_tasks = F == 0 ? 0 : (F + cols - 1) / cols;
   ParallelFor(pool, row_tasks * col_tasks, [&](int64_t t) {
     const int64_t r0 = t / col_tasks * kTaskRows, r1 = std::min(N, r0 + kTaskRows);
     const int64_t j0 = t % col_tasks * cols, j1 = std::min(F, j0 + cols);
+    if (kW == 8 && few_rows) return FewRows(N, A, K, B, F, j0, j1, C);
     for (int64_t r = r0; r < r1; r += kMaxRows)
       RowsUpTo(std::min<int64_t>(kMaxRows, r1 - r), A + r * K, K, B, F, j0, j1, C + r * F,
                few_rows);
@@ -104,22 +152,19 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-// C[i][..] += A B for MR rows and the 16 columns of one vector, the `mask` lanes only (a
+// C[i][..] += A B for MR rows and the kW columns of one vector, the `mask` lanes only (a
 // matrix's last, partial vector of columns).
 template <int MR>
 inline void MicroTailAcc(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K,
-                      float* C, int64_t ldc, __mmask16 mask) {
-  __m512 acc[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+                         float* C, int64_t ldc, Mask mask) {
+  V acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = Zero();
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 b = _mm512_maskz_loadu_ps(mask, B + k * ldb);
-    for (int i = 0; i < MR; ++i)
-      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + k]), b, acc[i]);
+    const V b = MaskLoad(mask, B + k * ldb);
+    for (int i = 0; i < MR; ++i) acc[i] = Fma(Bcast(A[i * lda + k]), b, acc[i]);
   }
-  for (int i = 0; i < MR; ++i) {
-    const __m512 c = _mm512_add_ps(acc[i], _mm512_maskz_loadu_ps(mask, C + i * ldc));
-    _mm512_mask_storeu_ps(C + i * ldc, mask, c);
-  }
+  for (int i = 0; i < MR; ++i)
+    MaskStore(C + i * ldc, mask, Add(acc[i], MaskLoad(mask, C + i * ldc)));
 }
 
 // MR rows of C += A B over columns [j0, j1) (any width; the matrix's last vector masked).
@@ -127,12 +172,10 @@ template <int MR>
 inline void RowsAcc(const float* A, int64_t K, const float* B, int64_t ldb, int64_t j0,
                     int64_t j1, float* C, int64_t ldc) {
   int64_t j = j0;
-  for (; j + 32 <= j1; j += 32) Micro<MR, 2, false, true>(A, K, B + j, ldb, K, C + j, ldc);
-  for (; j + 16 <= j1; j += 16) Micro<MR, 1, false, true>(A, K, B + j, ldb, K, C + j, ldc);
-  if (j < j1) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (j1 - j)) - 1);
-    MicroTailAcc<MR>(A, K, B + j, ldb, K, C + j, ldc, mask);
-  }
+  for (; j + 2 * kW <= j1; j += 2 * kW)
+    Micro<MR, 2, false, true>(A, K, B + j, ldb, K, C + j, ldc);
+  for (; j + kW <= j1; j += kW) Micro<MR, 1, false, true>(A, K, B + j, ldb, K, C + j, ldc);
+  if (j < j1) MicroTailAcc<MR>(A, K, B + j, ldb, K, C + j, ldc, FirstLanes(j1 - j));
 }
 
 template <int MR = kMaxRows>
@@ -184,22 +227,24 @@ namespace {
 
 ffi::Error GemmImpl(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
                     ffi::ResultBuffer<ffi::F32>) {
-  return ffi::Error::InvalidArgument("lm_gemm is built for AVX-512 only");
+  return ffi::Error::InvalidArgument("lm_gemm is built for AVX-512 or AVX2 only");
 }
 
 ffi::Error GemmAccImpl(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
                        ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>) {
-  return ffi::Error::InvalidArgument("lm_gemm_acc is built for AVX-512 only");
+  return ffi::Error::InvalidArgument("lm_gemm_acc is built for AVX-512 or AVX2 only");
 }
 
 }  // namespace
 
 #endif
 
-// Whether this build has the AVX-512 product (a build for an older -march has not).
+// The vector width this build's product was compiled for: 16 (AVX-512), 8 (AVX2), 0 (none).
 extern "C" int LmGemmBuilt() {
 #if defined(__AVX512F__)
-  return 1;
+  return 16;
+#elif defined(__AVX2__)
+  return 8;
 #else
   return 0;
 #endif
