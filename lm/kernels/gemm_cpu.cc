@@ -114,10 +114,10 @@ constexpr int64_t kTaskRows = 4 * kMaxRows, kTaskCols = 128;
 constexpr int64_t kFewRows = 12;  // at most this many rows of A: B's rows prefetched
 
 // At most kFewRows rows with AVX2 (decoding), one row at a time against strips of 8
-// vectors (4 cache lines of each B row, prefetched; the strip's later rows from L1 / L2):
-// AVX2's 2-vector tiles read one line of each B row per pass, 0.8x XLA's speed at one row
-// (decoding's products on 75 MB of weights, 1 row: 4.2-5.2 ms against XLA's 4.7-5.8 and
-// 6.6-8.5 with the tiles; 8 rows: 8.5 against 10.5-12.2; README, Performance).
+// vectors (4 cache lines of each B row, prefetched; the strip's later rows from L1 / L2).
+// AVX2's 6 x 16 tiles read one line of each B row per pass: greedy decoding at batch 1
+// ran 0.79x XLA's speed with them; with the strips batch 8 1.10x, batch 1 within noise
+// (README, Performance).
 inline void FewRows(int64_t m, const float* A, int64_t K, const float* B, int64_t F,
                     int64_t j0, int64_t j1, float* C) {
   int64_t j = j0;

@@ -141,9 +141,9 @@ gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_bwd)
 def dense_product(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """x @ kernel over x's last axis ([..., in] x [in, out]); the kernel's gradient
     transposes the smaller of the input and the output gradient (XLA:CPU transposed the
-    larger: a [N, 4D] copy for every MLP input projection). In fp32 on an AVX-512 CPU the
-    product and the input gradient g kernelᵀ run in `lm.kernels.gemm` (the latter on the
-    kernel transposed by `lm.kernels.transpose`)."""
+    larger: a [N, 4D] copy for every MLP input projection). In fp32 on an AVX-512 CPU (with
+    AVX2: for decoding's few rows) the product and the input gradient g kernelᵀ run in
+    `lm.kernels.gemm` (the latter on the kernel transposed by `lm.kernels.transpose`)."""
     return mixed_dot(x, kernel)
 
 
@@ -154,8 +154,8 @@ def mixed_dot(a: jnp.ndarray, b: jnp.ndarray,
     as an fp32 GEMM on upcast copies, 4-6x slower than the same operands with an fp32
     result (a [2048, 256] x [256, 1024] product alone: 4.3-5.3 against 1.0-1.1 ms; the
     bf16 GPT step 1.22x); for fp32 operands the compiled product is the same. Without
-    `dims`, fp32 operands on an AVX-512 CPU go to `lm.kernels.gemm` (not differentiable:
-    for custom gradients)."""
+    `dims`, fp32 operands go to `lm.kernels.gemm` where `gemm.usable` says so (AVX-512;
+    AVX2 for few rows; not differentiable: for custom gradients)."""
     if dims is None and gemm_kernel.usable(a, b):
         return gemm_kernel.matmul(a, b)
     dims = dims or (((a.ndim - 1,), (0,)), ((), ()))
