@@ -72,11 +72,10 @@ def main(argv: list[str]) -> None:
 
     if switched:
         logging.info("XLA CPU flag for %s compute: %s", config.model.dtype, switched)
-    if (config.model.get("dtype") == "bfloat16" and jax.default_backend() == "cpu"
-            and not runtime.cpu_has_bf16_units()):
-        logging.warning("model.dtype=bfloat16 on a CPU without AVX512-BF16 or AMX: its "
-                        "products run in fp32 on converted copies, slower than "
-                        "model.dtype=float32 (the default)")
+    slow = runtime.slow_dtype_warning(config.model.get("dtype", "float32"),
+                                      jax.default_backend())
+    if slow:
+        logging.warning(slow)
     cache = runtime.configure_compilation_cache()
     if cache:
         logging.info("compilation cache: %s (LM_COMPILATION_CACHE= turns it off)", cache)

@@ -218,3 +218,12 @@ def cpu_has_bf16_units(flags: list[str] | None = None) -> bool:
     bfloat16`)."""
     flags = cpu_flags() if flags is None else flags
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def slow_dtype_warning(dtype: str, backend: str, flags: list[str] | None = None) -> str | None:
+    """The warning for a compute dtype slower than the default here (bf16 on a CPU without
+    bf16 units), or None."""
+    if str(dtype) == "bfloat16" and backend == "cpu" and not cpu_has_bf16_units(flags):
+        return ("model.dtype=bfloat16 on a CPU without AVX512-BF16 or AMX: its products run "
+                "in fp32 on converted copies, slower than model.dtype=float32 (the default)")
+    return None

@@ -236,6 +236,14 @@ def test_the_avx2_build_matches_the_einsum_path(tmp_path, monkeypatch):
     acc = jax.ffi.ffi_call("lm_gemm_acc_avx2", jax.ShapeDtypeStruct((29, 45), jnp.float32))(
         a, b[:, :45], c[:, :45])  # masked lanes: 45 = 5 x 8 + 5
     np.testing.assert_allclose(acc, c64[:, :45] + a64 @ b64[:, :45], rtol=1e-5, atol=1e-4)
+    # the logits kernel's 8-float tiles (4 x 2, 2 x 4, 1 x 8) and its last < 8 table rows
+    jax.ffi.register_ffi_target("lm_small_logits_avx2", jax.ffi.pycapsule(lib.LmSmallLogits),
+                                platform="cpu")
+    h, table = _normal(9, (7, 64)), _normal(10, (53, 64))
+    logits = jax.ffi.ffi_call("lm_small_logits_avx2", jax.ShapeDtypeStruct((7, 53),
+                                                                           jnp.float32))(h, table)
+    np.testing.assert_allclose(logits, np.asarray(h, np.float64) @ np.asarray(table, np.float64).T,
+                               rtol=1e-5, atol=1e-4)
     # the decoding kernel's 8-float form against the default build's
     jax.ffi.register_ffi_target("lm_decode_attention_avx2",
                                 jax.ffi.pycapsule(lib.LmDecodeAttention), platform="cpu")

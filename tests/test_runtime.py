@@ -230,3 +230,8 @@ def test_bf16_units_are_avx512_bf16_or_amx():
     assert runtime.cpu_has_bf16_units(["amx_tile", "amx_bf16"])
     assert runtime.cpu_has_bf16_units() == any(
         f in runtime.cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
+    # what lm.main warns: bf16 on a CPU backend without the units, nothing otherwise
+    assert "slower" in runtime.slow_dtype_warning("bfloat16", "cpu", ["avx2"])
+    assert runtime.slow_dtype_warning("bfloat16", "cpu", ["avx512_bf16"]) is None
+    assert runtime.slow_dtype_warning("bfloat16", "gpu", ["avx2"]) is None
+    assert runtime.slow_dtype_warning("float32", "cpu", ["avx2"]) is None

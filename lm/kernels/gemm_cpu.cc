@@ -51,6 +51,7 @@ inline Mask FirstLanes(int64_t n) {
 inline V MaskLoad(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
 inline void MaskStore(float* p, Mask m, V x) { _mm256_maskstore_ps(p, m, x); }
 #endif
+constexpr int kPerLine = 16 / kW;  // registers per 64-byte cache line (prefetched once)
 
 // C[i][0..kW NV) (+)= sum_k A[i][k] B[k][0..kW NV) for MR rows, accumulated over all of
 // K; with `Acc` C's values are added.
@@ -67,7 +68,7 @@ inline void Micro(const float* A, int64_t lda, const float* B, int64_t ldb, int6
     for (int v = 0; v < NV; ++v) acc[i][v] = Zero();
   for (int64_t k = 0; k < K; ++k) {
     if constexpr (Prefetch) {
-      for (int v = 0; v < NV; v += 64 / (4 * kW) > 0 ? 64 / (4 * kW) : 1)
+      for (int v = 0; v < NV; v += kPerLine)
         _mm_prefetch(reinterpret_cast<const char*>(B + (k + kAhead) * ldb + kW * v),
                      _MM_HINT_T0);
     }
@@ -112,6 +113,7 @@ void RowsUpTo(int64_t m, const float* A, int64_t K, const float* B, int64_t F, i
 
 constexpr int64_t kTaskRows = 4 * kMaxRows, kTaskCols = 128;
 constexpr int64_t kFewRows = 12;  // at most this many rows of A: B's rows prefetched
+                                  // (gemm.py's AVX2_MAX_ROWS: AVX2 calls only these)
 
 // At most kFewRows rows with AVX2 (decoding), one row at a time against strips of 8
 // vectors (4 cache lines of each B row, prefetched; the strip's later rows from L1 / L2).
@@ -122,9 +124,11 @@ inline void FewRows(int64_t m, const float* A, int64_t K, const float* B, int64_
                     int64_t j0, int64_t j1, float* C) {
   int64_t j = j0;
   for (; j + 8 * kW <= j1; j += 8 * kW)
-    for (int64_t r = 0; r < m; ++r) Micro<1, 8, true>(A + r * K, K, B + j, F, K, C + r * F + j, F);
+    for (int64_t r = 0; r < m; ++r)
+      Micro<1, 8, true>(A + r * K, K, B + j, F, K, C + r * F + j, F);
   for (; j + kW <= j1; j += kW)
-    for (int64_t r = 0; r < m; ++r) Micro<1, 1, true>(A + r * K, K, B + j, F, K, C + r * F + j, F);
+    for (int64_t r = 0; r < m; ++r)
+      Micro<1, 1, true>(A + r * K, K, B + j, F, K, C + r * F + j, F);
 }
 
 ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
