@@ -72,10 +72,6 @@ def main(argv: list[str]) -> None:
 
     if switched:
         logging.info("XLA CPU flag for %s compute: %s", config.model.dtype, switched)
-    slow = runtime.slow_dtype_warning(config.model.get("dtype", "float32"),
-                                      jax.default_backend())
-    if slow:
-        logging.warning(slow)
     cache = runtime.configure_compilation_cache()
     if cache:
         logging.info("compilation cache: %s (LM_COMPILATION_CACHE= turns it off)", cache)
@@ -85,6 +81,11 @@ def main(argv: list[str]) -> None:
         # --coordinator_address, --num_processes and --process_id.
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
+    # the backend may start only now (jax.distributed.initialize must come first)
+    slow = runtime.slow_dtype_warning(config.model.get("dtype", "float32"),
+                                      jax.default_backend())
+    if slow:
+        logging.warning(slow)
     from lm import rundir, train
 
     logging.info("devices: %s", jax.devices())
