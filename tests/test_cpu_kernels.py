@@ -265,7 +265,39 @@ def test_build_cache_and_a_failing_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     with pytest.raises(RuntimeError, match="failed on"):
         build.library_path(str(tmp_path / "other"))
-    assert os.listdir(tmp_path / "other") == []  # no partial library left behind
+    # no partial library or object files left behind (the builders' lock file stays)
+    left = os.listdir(tmp_path / "other")
+    assert len(left) == 1 and left[0].endswith(".so.lock"), left
+
+
+def test_concurrent_builders_compile_once(tmp_path, monkeypatch):
+    """Builders of one library (pytest workers, processes of a one-machine job) wait for
+    the first: every source is compiled once, each in its own process, then linked once."""
+    import threading
+
+    log = tmp_path / "calls"
+    fake = tmp_path / "fake-c++"  # records its calls; writes whatever -o names
+    fake.write_text("#!/bin/sh\n"
+                    'if [ "$1" = --version ]; then echo fake 1.0; exit 0; fi\n'
+                    f'echo "$*" >> {log}\n'
+                    "sleep 0.2\n"
+                    'while [ "$1" != -o ]; do shift; done; echo built > "$2"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(build.library_path(
+        str(tmp_path / "cache")))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(paths) == 3 and len(set(paths)) == 1
+    assert open(paths[0]).read() == "built\n"
+    calls = log.read_text().splitlines()
+    compiled = sorted(c.split(" -c ")[1].split()[0] for c in calls if " -c " in c)
+    assert compiled == sorted(build.sources())
+    assert len([c for c in calls if c.startswith("-shared")]) == 1
+    assert all("-march=native" in c and "-O3" in c for c in calls if " -c " in c)
 
 
 def test_cross_attention_shapes_match_the_einsum_path():
