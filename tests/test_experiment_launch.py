@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,7 +52,8 @@ def last_step(workdir: Path) -> int:
 
 
 def test_sigkilled_launcher_relaunch_skips_finished_and_resumes_exactly(tmp_path):
-    study_dir = make_project(tmp_path, steps=600)
+    steps = 300  # the kill lands at step >= 50: PR_SET_PDEATHSIG stops the run at once
+    study_dir = make_project(tmp_path, steps=steps)
     straight, split = tmp_path / "straight", tmp_path / "split"
     proc = experiment("launch", str(study_dir), f"--sweep_dir={straight}", "--parallel=1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -69,23 +71,24 @@ def test_sigkilled_launcher_relaunch_skips_finished_and_resumes_exactly(tmp_path
     while rundir.holder(str(second)) is not None and time.time() < deadline:
         time.sleep(0.2)
     assert rundir.holder(str(second)) is None, "the run outlived its launcher"
-    assert st.run_state(str(split / "main" / "seed=0"), 600).state == "finished"
-    assert st.run_state(str(second), 600).state == "interrupted"
-    assert st.run_state(str(split / "main" / "seed=2"), 600).state == "pending"
+    assert st.run_state(str(split / "main" / "seed=0"), steps).state == "finished"
+    assert st.run_state(str(second), steps).state == "interrupted"
+    assert st.run_state(str(split / "main" / "seed=2"), steps).state == "pending"
     status = experiment("status", str(study_dir), f"--sweep_dir={split}")
     assert "1 pending" in status.stdout and "1 interrupted" in status.stdout, status.stdout
 
     proc = experiment("launch", str(study_dir), f"--sweep_dir={split}", "--parallel=1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 finished (skipped), 2 to run or resume" in proc.stdout
-    starts = {s: (split / "main" / f"seed={s}" / "run.log").read_text().count("\n=== ")
+    starts = {s: len(re.findall(r"^=== \d{4}-\d\d-\d\d ",  # the launcher's header
+                                (split / "main" / f"seed={s}" / "run.log").read_text(), re.M))
               for s in range(3)}
     assert starts == {0: 1, 1: 2, 2: 1}
     assert "resumed from step" in (second / "run.log").read_text()
     for seed in range(3):
         a, step_a = read_run_params(str(straight / "main" / f"seed={seed}"))
         b, step_b = read_run_params(str(split / "main" / f"seed={seed}"))
-        assert step_a == step_b == 600
+        assert step_a == step_b == steps
         flat_a, flat_b = _flat(a), _flat(b)
         assert flat_a.keys() == flat_b.keys()
         for k in flat_a:
