@@ -17,9 +17,10 @@ CFG = ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads=4, mlp_dim=
 
 def greedy_without_cache(cfg, params, prompt, n):
     ids = np.asarray(prompt)
+    forward = jax.jit(lambda ctx: Decoder(cfg).apply({"params": params}, ctx))
     for _ in range(n):
         ctx = ids[:, -cfg.max_len:]
-        logits = Decoder(cfg).apply({"params": params}, jnp.asarray(ctx))
+        logits = forward(jnp.asarray(ctx))
         ids = np.concatenate([ids, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], 1)
     return ids
 
