@@ -81,9 +81,8 @@ def test_scanned_layers_keep_the_batch_sharding():
     """nn.scan loses the batch sharding of its activations unless they are constrained.
     GPT-2 small, batch 64 over 16 chips, needed 58 GiB of temporaries per chip without the
     constraints (an earlier jaxlib) and 6.7 GiB with them (jaxlib 0.10.2; 16 GiB of HBM on
-    v5e). This test's smaller decoder
-    (2 scanned layers, width 256, seq 256; a third of the compile time) needs 0.41 GiB
-    without them (`constrain` made a no-op) and 0.021 GiB with."""
+    v5e). This test's smaller decoder (2 scanned layers, width 256, seq 256; a third of the
+    compile time) needs 0.41 GiB without them (`constrain` made a no-op) and 0.021 with."""
     proc = compile_cmd("--config=configs/gpt.py:small", "--topology=v5e:4x4",
                        "--config.model.scan_layers=True", "--config.mesh.rules=fsdp",
                        "--config.mesh.data=1", "--config.mesh.fsdp=-1",
