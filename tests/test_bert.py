@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from lm import objectives, train
 from lm.data.bert_pipeline import BertDataOptions, build_bert_data, make_train_iterator
@@ -25,23 +24,6 @@ WORDS = ["the", "king", "queen", "speaks", "to", "all", "men", "of", "rome", "an
 PIECES = ["##ing", "##s", "##ed"]  # "runs" -> run ##s
 REQUIRED = ("train/mlm_loss", "train/nsp_loss", "eval/mlm_loss", "eval/mlm_accuracy",
             "eval/nsp_loss", "eval/nsp_accuracy")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-    """The trainer runs here compile the same few programs (each run jits anew): a persistent
-    cache compiles them once, which keeps this file well under a minute on 2 cores."""
-    options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-               "jax_persistent_cache_min_compile_time_secs": 0.0,
-               "jax_persistent_cache_min_entry_size_bytes": 0}
-    old = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    jax_cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    jax_cache.reset_cache()
 
 
 def write_corpus(tmp_path: Path, name: str, num_docs: int, seed: int) -> str:
