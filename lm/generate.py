@@ -15,8 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from lm.kernels import argmax as argmax_kernel
+from lm.kernels import greedy as greedy_kernel
 from lm.models.cache import gather_rows
 from lm.models.config import ModelConfig
 from lm.models.transformer import Decoder
@@ -112,10 +114,28 @@ def _first_above(cum_BN: jnp.ndarray, t_B: jnp.ndarray, positive_BN: jnp.ndarray
     return jnp.where(first_B < n, first_B, last_B)
 
 
-def _forward(model: Decoder, params, cache, ids_BL, positions_BL):
-    logits, mutated = model.apply({"params": params, "cache": cache}, ids_BL, None, positions_BL,
-                                  mutable=["cache"])
-    return logits[:, -1], mutated["cache"]
+def _forward(model: Decoder, params, cache, ids_BL, positions_BL, hidden_scale=None):
+    """(the last position's logits [B, V], or with `hidden_scale` its hidden state times
+    that scale [B, D], the output projection's input; the updated cache)."""
+    out, mutated = model.apply({"params": params, "cache": cache}, ids_BL, None, positions_BL,
+                               mutable=["cache"], return_hidden=hidden_scale is not None)
+    out = out[:, -1]
+    if hidden_scale is not None and hidden_scale != 1.0:
+        out = out * hidden_scale  # as Embedder.attend scales it before the product
+    return out, mutated["cache"]
+
+
+def _greedy_from_hidden(cfg: ModelConfig, params, batch: int):
+    """(table, its int8 form, scale) when greedy tokens can come from the hidden state
+    through `lm.kernels.greedy` (a tied fp32 output table on a CPU with the kernels: the
+    same tokens as the argmax of the logits kernel, a quarter of the table read per
+    token), else None."""
+    if not cfg.tie_embeddings or jnp.dtype(cfg.compute_dtype) != jnp.float32:
+        return None
+    table, scale = Decoder.output_table(cfg, nn.meta.unbox(params))
+    if not greedy_kernel.usable(batch, table):
+        return None
+    return table, greedy_kernel.quantize(table), scale
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -129,6 +149,17 @@ def _decode(model: Decoder, params, prompt_BP, ctx_BC, rng, *, max_new_tokens: i
     b, lp = prompt_BP.shape
     cache_len = model.cache_len
     keep = cache_len // 2
+    # greedy on the CPU: the loop carries the hidden state and picks through the int8 table
+    fast = _greedy_from_hidden(model.cfg, params, b) if temperature == 0 else None
+    hidden_scale = None if fast is None else fast[2]
+
+    def pick(rng, out):
+        if fast is not None:
+            return greedy_kernel.greedy(out, fast[0], fast[1])
+        return sample_token(rng, out, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def forward(cache, ids_BL, pos_BL):
+        return _forward(model, params, cache, ids_BL, pos_BL, hidden_scale)
 
     def fresh_cache():
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ctx_BC[:, :1]))
@@ -136,7 +167,7 @@ def _decode(model: Decoder, params, prompt_BP, ctx_BC, rng, *, max_new_tokens: i
 
     def prefill(ids_BL):
         pos = jnp.broadcast_to(jnp.arange(ids_BL.shape[1], dtype=jnp.int32), ids_BL.shape)
-        return _forward(model, params, fresh_cache(), ids_BL, pos)
+        return forward(fresh_cache(), ids_BL, pos)
 
     logits, cache = prefill(ctx_BC)
     buf = jnp.concatenate([prompt_BP, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
@@ -151,7 +182,7 @@ def _decode(model: Decoder, params, prompt_BP, ctx_BC, rng, *, max_new_tokens: i
     def body(state):
         i, buf, cache, logits, next_pos, rng, done = state
         rng, sub = jax.random.split(rng)
-        tok = sample_token(sub, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        tok = pick(sub, logits)
         if eos_id is not None:
             tok = jnp.where(done, eos_id, tok)
             done = done | (tok == eos_id)
@@ -159,7 +190,7 @@ def _decode(model: Decoder, params, prompt_BP, ctx_BC, rng, *, max_new_tokens: i
 
         def step(cache, next_pos):
             pos = jnp.full((b, 1), next_pos, jnp.int32)
-            logits, cache = _forward(model, params, cache, tok[:, None], pos)
+            logits, cache = forward(cache, tok[:, None], pos)
             return logits, cache, next_pos + 1
 
         def refill(cache, next_pos):  # window full: keep the last half and prefill again

@@ -1,0 +1,70 @@
+"""Greedy decoding's token from the hidden state, reading an int8 copy of the output table
+(`greedy_cpu.cc`): the same token as argmax(`logits.small_logits(x, table)`), bit for bit.
+
+Greedy decoding at batch 1 reads the whole fp32 output table per token (51 MB for GPT-2's
+vocabulary at width 256), two thirds of the step. `quantize` makes, once per decode, an
+int8 copy (13 MB) with one scale and one error radius per row; `greedy` scores every row
+approximately from it, bounds each exact fp32 logit within ||x|| * radius of its
+approximation, and computes exactly (with the logits kernel's own tiles, so the same
+fp32 values) only the rows whose upper bound reaches the best lower bound, of which the
+argmax is always one. The bound is worst-case (Cauchy-Schwarz plus the fp32 rounding of
+both products), so the token never differs; only the number of rows computed again
+depends on the data (a few per token on a GPT model, `greedy_with_count`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lm.kernels import build
+
+# the rows of x per call: the approximate logits are kept for all of them ([rows, V] fp32)
+MAX_ROWS = 32
+# widths the kernel's tiles cover exactly (a multiple of both vector widths)
+WIDTH_MULTIPLE = 16
+
+
+class Quantized(NamedTuple):
+    """An fp32 table [V, D] as int8 rows q [V, D] with scale [V] (row ≈ scale * q) and
+    radius [V]: |fp32 x·row - fp32 scale·(x·q)| <= ||x|| * radius for every x."""
+
+    q: jnp.ndarray
+    scale: jnp.ndarray
+    radius: jnp.ndarray
+
+
+def usable(rows: int, table: jnp.ndarray) -> bool:
+    """For `rows` fp32 rows of x: at most MAX_ROWS, an fp32 table [V, D] with D a multiple
+    of WIDTH_MULTIPLE, on a CPU with AVX-512 or AVX2, kernels built."""
+    return (table.dtype == jnp.float32 and table.ndim == 2 and 0 < rows <= MAX_ROWS
+            and table.shape[1] % WIDTH_MULTIPLE == 0 and table.shape[0] > 0
+            and build.on_cpu())
+
+
+def quantize(table: jnp.ndarray) -> Quantized:
+    """The int8 form of an fp32 table [V, D] (one pass over it; once per decode)."""
+    build.require()
+    v, d = table.shape
+    out = (jax.ShapeDtypeStruct((v, d), jnp.int8), jax.ShapeDtypeStruct((v,), jnp.float32),
+           jax.ShapeDtypeStruct((v,), jnp.float32))
+    return Quantized(*jax.ffi.ffi_call("lm_quantize_rows", out)(table))
+
+
+def greedy_with_count(x: jnp.ndarray, table: jnp.ndarray, quantized: Quantized
+                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(argmax over the vocabulary of x @ tableᵀ per row of x [..., D], int32 [...]; the
+    number of exact logits computed for each row, int32 [...])."""
+    build.require()
+    out = (jax.ShapeDtypeStruct(x.shape[:-1], jnp.int32),
+           jax.ShapeDtypeStruct(x.shape[:-1], jnp.int32))
+    return jax.ffi.ffi_call("lm_greedy_tied", out, vmap_method="sequential")(
+        x, table, quantized.q, quantized.scale, quantized.radius)
+
+
+def greedy(x: jnp.ndarray, table: jnp.ndarray, quantized: Quantized) -> jnp.ndarray:
+    """int32 argmax of x @ tableᵀ along the vocabulary (first index on ties; NaN as
+    jnp.argmax), equal to argmax(`logits.small_logits(x, table)`)."""
+    return greedy_with_count(x, table, quantized)[0]

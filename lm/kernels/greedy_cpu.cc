@@ -1,0 +1,322 @@
+// Greedy decoding's token straight from the hidden state, exactly as argmax(x @ tableᵀ) of
+// the few-row logits kernel (logits_cpu.cc) picks it, reading a quarter of the table
+// (lm/kernels/greedy.py).
+//
+// At batch 1 a greedy step reads the 51 MB fp32 output table once per token, two thirds
+// of the step on a 2-core CPU. Here a one-off copy of the table in int8 (one scale per row,
+// 13 MB) gives every logit approximately, with a bound per row on how far the exact fp32
+// logit can be from it: |exact - approx| <= ||x|| * radius[v], radius[v] covering the
+// row's rounding residual (Cauchy-Schwarz) and the fp32 rounding of both products. Every
+// row whose upper bound reaches the largest lower bound is a candidate (the argmax always
+// is one); the candidates' logits are computed again from the fp32 table with the very
+// tiles of the logits kernel, and the first largest wins. Typically a few candidates per
+// row. A row of x, a table row or an approximate logit that is not finite takes the whole
+// fp32 product and argmax instead, so NaN and infinity pick as jnp.argmax does.
+
+#include <cmath>
+
+#include "logits_cpu.h"
+
+namespace {
+
+// kLanes int8 values as floats (vpmovsxbd + vcvtdq2ps: GCC's generic conversion of a
+// byte vector goes through scalar registers)
+inline vf LoadWiden(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  return (vf)_mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  vf out;
+  for (int l = 0; l < kLanes; ++l) out[l] = p[l];
+  return out;
+#endif
+}
+
+// ---------------------------------------------------------------------------- quantize
+
+// One table row to int8 (round to nearest, scale = max|w| / 127) and its radius: for every
+// x, |fp32 x.w (any summation order) - fp32 scale * (x.q)| <= ||x|| * radius, including the
+// rounding of the bound's own fp32 additions (see the file's comment in greedy.py).
+void QuantizeRow(const float* w, int64_t d, int8_t* q, float* scale, float* radius) {
+  double mx = 0.0;
+  bool finite = true;
+  for (int64_t k = 0; k < d; ++k) {
+    finite &= std::isfinite(w[k]);
+    mx = std::max(mx, static_cast<double>(std::fabs(w[k])));
+  }
+  if (!finite) {  // always a candidate; the fp32 path gives its logit
+    std::memset(q, 0, d);
+    *scale = 0.0f;
+    *radius = std::numeric_limits<float>::infinity();
+    return;
+  }
+  const float s = static_cast<float>(mx / 127.0);
+  double r2 = 0.0, w2 = 0.0, q2 = 0.0;
+  for (int64_t k = 0; k < d; ++k) {
+    const long v = s > 0.0f ? std::lrint(w[k] / s) : 0;
+    q[k] = static_cast<int8_t>(std::clamp<long>(v, -127, 127));
+    const double r = static_cast<double>(w[k]) - static_cast<double>(s) * q[k];
+    r2 += r * r;
+    w2 += static_cast<double>(w[k]) * w[k];
+    q2 += static_cast<double>(q[k]) * q[k];
+  }
+  // fp32 dot products of d terms err by at most (d + 2) u times the sum of |terms| (u =
+  // 2^-24, Higham's gamma_d with the scale's product): twice that, plus 0.1 %, as margin
+  const double gamma = 2.0 * static_cast<double>(d + 2) * std::ldexp(1.0, -24);
+  const double bound = std::sqrt(r2) + gamma * (std::sqrt(w2) + s * std::sqrt(q2));
+  *scale = s;
+  *radius = static_cast<float>(bound * 1.001);
+}
+
+ffi::Error QuantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
+                        ffi::ResultBuffer<ffi::S8> q, ffi::ResultBuffer<ffi::F32> scale,
+                        ffi::ResultBuffer<ffi::F32> radius) {
+  const auto dims = table.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("need a table [V, D]");
+  const int64_t vocab = dims[0], d = dims[1];
+  const float* E = table.typed_data();
+  int8_t* Q = q->typed_data();
+  float* S = scale->typed_data();
+  float* R = radius->typed_data();
+  ParallelFor(pool, (vocab + kVocabPerTask - 1) / kVocabPerTask, [&](int64_t task) {
+    const int64_t v1 = std::min(vocab, (task + 1) * kVocabPerTask);
+    for (int64_t v = task * kVocabPerTask; v < v1; ++v)
+      QuantizeRow(E + v * d, d, Q + v * d, S + v, R + v);
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------- approximate logits
+
+// G h rows x P = kLanes / G int8 table rows: kLanes accumulators over the width (a
+// multiple of kLanes), reduced together; sums[i * P + p] = x_i . q_p.
+template <int G>
+inline void QuantTile(const float* h, const int8_t* q, int64_t d, float* sums) {
+  constexpr int P = kLanes / G;
+  vf acc[kLanes];
+#pragma GCC unroll 16
+  for (int j = 0; j < kLanes; ++j) acc[j] = Splat(0.0f);
+  for (int64_t k = 0; k < d; k += kLanes) {
+    vf ev[P];
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) ev[p] = LoadWiden(q + p * d + k);
+#pragma GCC unroll 16
+    for (int i = 0; i < G; ++i) {
+      const vf hv = Load(h + i * d + k);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) acc[i * P + p] = Fma(hv, ev[p], acc[i * P + p]);
+    }
+  }
+  const vf s = SumsOfLanes(acc);
+  std::memcpy(sums, &s, sizeof(s));
+}
+
+// approx[i, v] = scale[v] * (x_i . q_v) for the kLanes table rows from v, h rows [m, m + G)
+// at G per tile; lower[i] = max(lower[i], approx - ||x_i|| radius).
+template <int G>
+inline void QuantBlock(const float* H, const int8_t* Q, const float* S, const float* R,
+                       const float* nx, int64_t d, int64_t vocab, int64_t m, int64_t v,
+                       float* A, float* lower) {
+  constexpr int P = kLanes / G;
+  float sums[kLanes];
+  for (int t = 0; t < kLanes / P; ++t) {
+    const int64_t v0 = v + t * P;
+    QuantTile<G>(H + m * d, Q + v0 * d, d, sums);
+    for (int i = 0; i < G; ++i) {
+      for (int p = 0; p < P; ++p) {
+        const float a = S[v0 + p] * sums[i * P + p];
+        A[(m + i) * vocab + v0 + p] = a;
+        lower[m + i] = std::max(lower[m + i], a - nx[m + i] * R[v0 + p]);
+      }
+    }
+  }
+}
+
+// Table rows [v0, v1) against every h row: approximate logits into A, the task's largest
+// lower bound per h row into `lower` (a NaN approximate logit leaves it NaN-free; the
+// caller's finiteness check catches it).
+void ApproxRows(const float* H, const int8_t* Q, const float* S, const float* R,
+                const float* nx, int64_t rows, int64_t d, int64_t vocab, int64_t v0, int64_t v1,
+                float* A, float* lower) {
+  int64_t v = v0;
+  for (; v + kLanes <= v1; v += kLanes) {
+    int64_t m = 0;
+    for (; m + 8 <= rows; m += 8) QuantBlock<8>(H, Q, S, R, nx, d, vocab, m, v, A, lower);
+    if (m + 4 <= rows) {
+      QuantBlock<4>(H, Q, S, R, nx, d, vocab, m, v, A, lower);
+      m += 4;
+    }
+    if (m + 2 <= rows) {
+      QuantBlock<2>(H, Q, S, R, nx, d, vocab, m, v, A, lower);
+      m += 2;
+    }
+    if (m < rows) QuantBlock<1>(H, Q, S, R, nx, d, vocab, m, v, A, lower);
+  }
+  for (; v < v1; ++v) {  // the table's last < kLanes rows
+    for (int64_t m = 0; m < rows; ++m) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < d; ++k) s += H[m * d + k] * Q[v * d + k];
+      const float a = S[v] * s;
+      A[m * vocab + v] = a;
+      lower[m] = std::max(lower[m], a - nx[m] * R[v]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ exact rescoring
+
+// The logits kernel's fp32 logit of table row v for one h row: its tile for the rows of a
+// full block (Tile<1> over the block; any tile sums a row the same way), RowDots for the
+// table's last < kLanes rows, as TiledRows runs them. `block` caches the last block.
+struct Exact {
+  const float* h;
+  const float* E;
+  int64_t d, tail;  // tail: the first row past the last full block
+  int64_t cached = -1;
+  float block[kLanes];
+
+  float operator()(int64_t v) {
+    if (v >= tail) {
+      float out;
+      RowDots<1, 1>(h, E + v * d, d, 0, &out, 0);
+      return out;
+    }
+    const int64_t b0 = v / kLanes * kLanes;
+    if (b0 != cached) {
+      Tile<1>(h, E + b0 * d, d, block, 0);
+      cached = b0;
+    }
+    return block[v - b0];
+  }
+};
+
+// argmax of the whole fp32 row (first index on ties, the first NaN if any), as
+// jnp.argmax: the path for rows whose bounds are not finite.
+int32_t FullArgmax(Exact& exact, int64_t vocab, int64_t* rescored) {
+  *rescored = vocab;
+  int64_t best = 0;
+  float top = exact(0);
+  for (int64_t v = 1; v < vocab && top == top; ++v) {
+    const float x = exact(v);
+    if (x != x || x > top) {
+      best = v;
+      top = x;
+    }
+  }
+  return static_cast<int32_t>(best);
+}
+
+// The row's token from its approximate logits a[0, vocab), the largest lower bound L and
+// ||x||: the first largest exact logit among the rows whose upper bound reaches L.
+// `rescored` counts the exact logits computed (the whole vocabulary on the fp32 path).
+int32_t PickRow(Exact& exact, const float* a, const float* R, float nx, float L,
+                int64_t vocab, int64_t* rescored) {
+  if (!std::isfinite(L) || !std::isfinite(nx)) return FullArgmax(exact, vocab, rescored);
+  const vf vl = Splat(L), vn = Splat(nx);
+  int64_t best = -1;
+  float top = 0.0f;
+  auto consider = [&](int64_t v) -> bool {
+    const float x = exact(v);
+    ++*rescored;
+    if (!std::isfinite(x) || !std::isfinite(a[v])) return false;
+    if (best < 0 || x > top) {
+      best = v;
+      top = x;
+    }
+    return true;
+  };
+  int64_t v = 0;
+  for (; v + kLanes <= vocab; v += kLanes) {
+    const vi hit = (vi)!(Fma(vn, Load(R + v), Load(a + v)) < vl);  // NaN: a candidate
+    bool any = false;
+    for (int l = 0; l < kLanes; ++l) any |= hit[l] != 0;
+    if (!any) continue;
+    for (int l = 0; l < kLanes; ++l) {
+      if (hit[l] && !consider(v + l)) return FullArgmax(exact, vocab, rescored);
+    }
+  }
+  for (; v < vocab; ++v) {
+    if (!(a[v] + nx * R[v] < L) && !consider(v)) return FullArgmax(exact, vocab, rescored);
+  }
+  return best < 0 ? FullArgmax(exact, vocab, rescored) : static_cast<int32_t>(best);
+}
+
+ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table,
+                      ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> radius, ffi::ResultBuffer<ffi::S32> out,
+                      ffi::ResultBuffer<ffi::S32> rescored_out) {
+  const auto tdims = table.dimensions();
+  const auto xdims = x.dimensions();
+  if (tdims.size() != 2 || xdims.size() < 1 || xdims.back() != tdims[1] ||
+      q.element_count() != table.element_count() || scale.element_count() != tdims[0] ||
+      radius.element_count() != tdims[0]) {
+    return ffi::Error::InvalidArgument("need x [..., D], a table [V, D] and its quantized form");
+  }
+  const int64_t vocab = tdims[0], d = tdims[1];
+  if (d % kLanes != 0 || vocab < 1) {
+    return ffi::Error::InvalidArgument("the width must be a multiple of the vector width");
+  }
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / d;
+  const float* H = x.typed_data();
+  const float* E = table.typed_data();
+  const int8_t* Q = q.typed_data();
+  const float* S = scale.typed_data();
+  const float* R = radius.typed_data();
+  int32_t* O = out->typed_data();
+  int32_t* C = rescored_out->typed_data();
+
+  // ||x_m||, rounded up (computed in double, then one float rounding)
+  float* nx = Scratch(0, rows);
+  for (int64_t m = 0; m < rows; ++m) {
+    double s = 0.0;
+    for (int64_t k = 0; k < d; ++k) s += static_cast<double>(H[m * d + k]) * H[m * d + k];
+    nx[m] = static_cast<float>(std::sqrt(s) * (1.0 + 1e-6));
+  }
+  const int64_t tasks = (vocab + kVocabPerTask - 1) / kVocabPerTask;
+  float* A = Scratch(1, rows * vocab);
+  float* lower = Scratch(2, tasks * rows);
+  std::fill(lower, lower + tasks * rows, -std::numeric_limits<float>::infinity());
+  ParallelFor(pool, tasks, [&](int64_t task) {
+    const int64_t v0 = task * kVocabPerTask, v1 = std::min(vocab, v0 + kVocabPerTask);
+    ApproxRows(H, Q, S, R, nx, rows, d, vocab, v0, v1, A, lower + task * rows);
+  });
+  const int64_t tail = vocab / kLanes * kLanes;
+  auto pick = [&](int64_t m) {
+    float L = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < tasks; ++t) L = std::max(L, lower[t * rows + m]);
+    Exact exact{H + m * d, E, d, tail};
+    int64_t rescored = 0;
+    O[m] = PickRow(exact, A + m * vocab, R, nx[m], L, vocab, &rescored);
+    C[m] = static_cast<int32_t>(rescored);
+  };
+  if (rows > 1) {
+    ParallelFor(pool, rows, pick);
+  } else {
+    pick(0);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmQuantizeRows, QuantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmGreedyTied, GreedyImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
