@@ -37,36 +37,66 @@ inline vf LoadWiden(const int8_t* p) {
 
 // ---------------------------------------------------------------------------- quantize
 
-// One table row to int8 (round to nearest, scale = max|w| / 127) and its radius: for every
-// x, |fp32 x.w (any summation order) - fp32 scale * (x.q)| <= ||x|| * radius, including the
-// rounding of the bound's own fp32 additions (see the file's comment in greedy.py).
+// kLanes integral floats in [-127, 127] stored as int8.
+inline void StoreInt8(int8_t* p, vf x) {
+#if defined(__AVX512F__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm512_cvtepi32_epi8(_mm512_cvtps_epi32((__m512)x)));
+#elif defined(__AVX2__)
+  const __m256i i32 = _mm256_cvtps_epi32((__m256)x);
+  const __m256i i8 = _mm256_packs_epi16(_mm256_packs_epi32(i32, i32), i32);
+  const int32_t lo = _mm256_extract_epi32(i8, 0), hi = _mm256_extract_epi32(i8, 4);
+  std::memcpy(p, &lo, 4);
+  std::memcpy(p + 4, &hi, 4);
+#else
+  for (int l = 0; l < kLanes; ++l) p[l] = static_cast<int8_t>(x[l]);
+#endif
+}
+
+// One table row (d a multiple of kLanes) to int8, q = w / scale rounded to nearest,
+// scale = max|w| / 127, and its radius: for every x, |fp32 x.w (any summation order) -
+// fp32 scale * (x.q)| <= ||x|| * radius, including the rounding of the bound's own fp32
+// additions (see greedy.py).
 void QuantizeRow(const float* w, int64_t d, int8_t* q, float* scale, float* radius) {
-  double mx = 0.0;
-  bool finite = true;
-  for (int64_t k = 0; k < d; ++k) {
-    finite &= std::isfinite(w[k]);
-    mx = std::max(mx, static_cast<double>(std::fabs(w[k])));
+  vf mx = Splat(0.0f);
+  vi bad = vi{};
+  for (int64_t k = 0; k < d; k += kLanes) {
+    const vf x = Load(w + k);
+    const vf ax = (vf)((vi)x & 0x7FFFFFFF);
+    mx = ax > mx ? ax : mx;
+    bad |= (vi)(x - x != 0.0f);  // inf or NaN
   }
+  bool finite = true;
+  for (int l = 0; l < kLanes; ++l) finite &= bad[l] == 0;
   if (!finite) {  // always a candidate; the fp32 path gives its logit
     std::memset(q, 0, d);
     *scale = 0.0f;
     *radius = std::numeric_limits<float>::infinity();
     return;
   }
-  const float s = static_cast<float>(mx / 127.0);
-  double r2 = 0.0, w2 = 0.0, q2 = 0.0;
-  for (int64_t k = 0; k < d; ++k) {
-    const long v = s > 0.0f ? std::lrint(w[k] / s) : 0;
-    q[k] = static_cast<int8_t>(std::clamp<long>(v, -127, 127));
-    const double r = static_cast<double>(w[k]) - static_cast<double>(s) * q[k];
-    r2 += r * r;
-    w2 += static_cast<double>(w[k]) * w[k];
-    q2 += static_cast<double>(q[k]) * q[k];
+  const float m = HorizontalMax(mx);
+  const float s = static_cast<float>(m / 127.0);
+  const vf inv = Splat(s > 0.0f ? 127.0f / m : 0.0f), neg_s = Splat(-s);
+  const vf shifter = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf r2 = Splat(0.0f), w2 = Splat(0.0f), q2 = Splat(0.0f);
+  for (int64_t k = 0; k < d; k += kLanes) {
+    const vf x = Load(w + k);
+    vf t = (x * inv + shifter) - shifter;
+    t = t > 127.0f ? Splat(127.0f) : t;
+    t = t < -127.0f ? Splat(-127.0f) : t;
+    StoreInt8(q + k, t);
+    const vf r = Fma(neg_s, t, x);  // w - s q, rounded once
+    r2 = Fma(r, r, r2);
+    w2 = Fma(x, x, w2);
+    q2 = Fma(t, t, q2);
   }
   // fp32 dot products of d terms err by at most (d + 2) u times the sum of |terms| (u =
-  // 2^-24, Higham's gamma_d with the scale's product): twice that, plus 0.1 %, as margin
+  // 2^-24, Higham's gamma_d with the scale's product): twice that; 0.1 % covers these
+  // fp32 norms' own rounding
   const double gamma = 2.0 * static_cast<double>(d + 2) * std::ldexp(1.0, -24);
-  const double bound = std::sqrt(r2) + gamma * (std::sqrt(w2) + s * std::sqrt(q2));
+  const double bound = std::sqrt(static_cast<double>(HorizontalSum(r2))) + gamma * (
+      std::sqrt(static_cast<double>(HorizontalSum(w2))) +
+      s * std::sqrt(static_cast<double>(HorizontalSum(q2))));
   *scale = s;
   *radius = static_cast<float>(bound * 1.001);
 }
@@ -77,6 +107,9 @@ ffi::Error QuantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
   const auto dims = table.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("need a table [V, D]");
   const int64_t vocab = dims[0], d = dims[1];
+  if (d % kLanes != 0) {
+    return ffi::Error::InvalidArgument("the width must be a multiple of the vector width");
+  }
   const float* E = table.typed_data();
   int8_t* Q = q->typed_data();
   float* S = scale->typed_data();
@@ -100,14 +133,20 @@ inline void QuantTile(const float* h, const int8_t* q, int64_t d, float* sums) {
 #pragma GCC unroll 16
   for (int j = 0; j < kLanes; ++j) acc[j] = Splat(0.0f);
   for (int64_t k = 0; k < d; k += kLanes) {
-    vf ev[P];
+    if constexpr (G == 1) {  // each widened row straight into its sum: no 17th register
+      const vf hv = Load(h + k);
 #pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) ev[p] = LoadWiden(q + p * d + k);
+      for (int p = 0; p < P; ++p) acc[p] = Fma(hv, LoadWiden(q + p * d + k), acc[p]);
+    } else {
+      vf ev[P];
 #pragma GCC unroll 16
-    for (int i = 0; i < G; ++i) {
-      const vf hv = Load(h + i * d + k);
+      for (int p = 0; p < P; ++p) ev[p] = LoadWiden(q + p * d + k);
 #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) acc[i * P + p] = Fma(hv, ev[p], acc[i * P + p]);
+      for (int i = 0; i < G; ++i) {
+        const vf hv = Load(h + i * d + k);
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p) acc[i * P + p] = Fma(hv, ev[p], acc[i * P + p]);
+      }
     }
   }
   const vf s = SumsOfLanes(acc);
