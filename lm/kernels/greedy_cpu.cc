@@ -154,45 +154,66 @@ inline void QuantTile(const float* h, const int8_t* q, int64_t d, float* sums) {
 }
 
 // approx[i, v] = scale[v] * (x_i . q_v) for the kLanes table rows from v, h rows [m, m + G)
-// at G per tile; lower[i] = max(lower[i], approx - ||x_i|| radius).
+// at G per tile (lane i * P + p: h row m + i, table row p); `low` keeps, lane-wise, the
+// largest approx - ||x|| radius seen (a NaN approximate logit leaves it as it was; the
+// caller's finiteness checks catch it).
 template <int G>
 inline void QuantBlock(const float* H, const int8_t* Q, const float* S, const float* R,
                        const float* nx, int64_t d, int64_t vocab, int64_t m, int64_t v,
-                       float* A, float* lower) {
+                       float* A, vf& low) {
   constexpr int P = kLanes / G;
-  float sums[kLanes];
+  vf norms;
+  for (int j = 0; j < kLanes; ++j) norms[j] = nx[m + j / P];
   for (int t = 0; t < kLanes / P; ++t) {
     const int64_t v0 = v + t * P;
+    float sums[kLanes];
     QuantTile<G>(H + m * d, Q + v0 * d, d, sums);
-    for (int i = 0; i < G; ++i) {
-      for (int p = 0; p < P; ++p) {
-        const float a = S[v0 + p] * sums[i * P + p];
-        A[(m + i) * vocab + v0 + p] = a;
-        lower[m + i] = std::max(lower[m + i], a - nx[m + i] * R[v0 + p]);
-      }
+    vf scale, radius;
+    for (int j = 0; j < kLanes; ++j) {
+      scale[j] = S[v0 + j % P];
+      radius[j] = R[v0 + j % P];
     }
+    const vf a = Load(sums) * scale;
+    const vf lb = a - norms * radius;
+    low = lb > low ? lb : low;
+    for (int j = 0; j < kLanes; ++j) A[(m + j / P) * vocab + v0 + j % P] = a[j];
   }
 }
 
 // Table rows [v0, v1) against every h row: approximate logits into A, the task's largest
-// lower bound per h row into `lower` (a NaN approximate logit leaves it NaN-free; the
-// caller's finiteness check catches it).
+// lower bound per h row into `lower`.
 void ApproxRows(const float* H, const int8_t* Q, const float* S, const float* R,
                 const float* nx, int64_t rows, int64_t d, int64_t vocab, int64_t v0, int64_t v1,
                 float* A, float* lower) {
+  // h rows in groups of 8, then 4, 2, 1 (at most 7 groups for 32 rows), one `low` each
+  int64_t starts[8], sizes[8];
+  int groups = 0;
+  for (int64_t m = 0; m < rows;) {
+    const int64_t g = rows - m >= 8 ? 8 : rows - m >= 4 ? 4 : rows - m >= 2 ? 2 : 1;
+    starts[groups] = m;
+    sizes[groups++] = g;
+    m += g;
+  }
+  vf low[8];
+  for (int i = 0; i < groups; ++i) low[i] = Splat(-std::numeric_limits<float>::infinity());
   int64_t v = v0;
   for (; v + kLanes <= v1; v += kLanes) {
-    int64_t m = 0;
-    for (; m + 8 <= rows; m += 8) QuantBlock<8>(H, Q, S, R, nx, d, vocab, m, v, A, lower);
-    if (m + 4 <= rows) {
-      QuantBlock<4>(H, Q, S, R, nx, d, vocab, m, v, A, lower);
-      m += 4;
+    for (int i = 0; i < groups; ++i) {
+      const int64_t m = starts[i];
+      switch (sizes[i]) {
+        case 8: QuantBlock<8>(H, Q, S, R, nx, d, vocab, m, v, A, low[i]); break;
+        case 4: QuantBlock<4>(H, Q, S, R, nx, d, vocab, m, v, A, low[i]); break;
+        case 2: QuantBlock<2>(H, Q, S, R, nx, d, vocab, m, v, A, low[i]); break;
+        default: QuantBlock<1>(H, Q, S, R, nx, d, vocab, m, v, A, low[i]);
+      }
     }
-    if (m + 2 <= rows) {
-      QuantBlock<2>(H, Q, S, R, nx, d, vocab, m, v, A, lower);
-      m += 2;
+  }
+  for (int i = 0; i < groups; ++i) {
+    const int64_t per = kLanes / sizes[i];  // lanes per h row
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t r = starts[i] + j / per;
+      lower[r] = std::max(lower[r], low[i][j]);
     }
-    if (m < rows) QuantBlock<1>(H, Q, S, R, nx, d, vocab, m, v, A, lower);
   }
   for (; v < v1; ++v) {  // the table's last < kLanes rows
     for (int64_t m = 0; m < rows; ++m) {
