@@ -120,12 +120,12 @@ def _forward(model: Decoder, params, cache, ids_BL, positions_BL, hidden_scale=N
     out, mutated = model.apply({"params": params, "cache": cache}, ids_BL, None, positions_BL,
                                mutable=["cache"], return_hidden=hidden_scale is not None)
     out = out[:, -1]
-    if hidden_scale is not None and hidden_scale != 1.0:
+    if hidden_scale is not None:
         out = out * hidden_scale  # as Embedder.attend scales it before the product
     return out, mutated["cache"]
 
 
-def _greedy_from_hidden(cfg: ModelConfig, params, batch: int):
+def greedy_from_hidden(cfg: ModelConfig, params, batch: int):
     """(table, its int8 form, scale) when greedy tokens can come from the hidden state
     through `lm.kernels.greedy` (a tied fp32 output table on a CPU with the kernels: the
     same tokens as the argmax of the logits kernel, a quarter of the table read per
@@ -135,7 +135,7 @@ def _greedy_from_hidden(cfg: ModelConfig, params, batch: int):
     table, scale = Decoder.output_table(cfg, nn.meta.unbox(params))
     if not greedy_kernel.usable(batch, table):
         return None
-    return table, greedy_kernel.quantize(table), scale
+    return table, greedy_kernel.quantize(table), jnp.float32(scale)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -150,7 +150,7 @@ def _decode(model: Decoder, params, prompt_BP, ctx_BC, rng, *, max_new_tokens: i
     cache_len = model.cache_len
     keep = cache_len // 2
     # greedy on the CPU: the loop carries the hidden state and picks through the int8 table
-    fast = _greedy_from_hidden(model.cfg, params, b) if temperature == 0 else None
+    fast = greedy_from_hidden(model.cfg, params, b) if temperature == 0 else None
     hidden_scale = None if fast is None else fast[2]
 
     def pick(rng, out):

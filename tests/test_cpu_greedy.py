@@ -144,3 +144,50 @@ def test_windowed_greedy_decoding_matches_the_logits_path(monkeypatch):
     assert fast.shape == (3, 35)
     np.testing.assert_array_equal(fast, slow)
     assert min(len(set(row[5:].tolist())) for row in fast) > 10  # varied output
+
+
+def test_serving_steps_pick_the_logits_paths_tokens():
+    """The serving step with the int8 table: every row greedy -> the kernel; a sampling
+    row or a logprobs request -> the logits; greedy tokens equal the logits path's."""
+    from lm.models.config import ModelConfig
+    from lm.models.transformer import Decoder
+    from lm.serve import slots as dev
+
+    cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
+                      max_len=16)
+    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(3), jnp.zeros((1, 2), jnp.int32))[
+        "params"])
+    params = jax.tree.map(lambda p: p * 10, params)
+    model = Decoder(cfg, decode=True, cache_len=16)
+    table = dev.greedy_table(model, params)
+    assert table is not None
+    rows = 4
+    z = jnp.zeros((rows,), jnp.int32)
+    settings = (jnp.ones((rows,), bool), jnp.int32(0), z.astype(jnp.uint32), z,
+                jnp.zeros((rows,), jnp.float32), z, jnp.ones((rows,), jnp.float32))
+
+    def run(greedy, want_top=False):
+        cache = dev.empty_cache(model, rows)
+        ids = jnp.asarray([5, 17, 123, 299], jnp.int32)
+        out = []
+        for t in range(6):
+            active, _, seeds, counts, temp, top_k, top_p = settings
+            cache, ids, tok_lp, *_ = dev.step(
+                model, params, cache, ids, jnp.full((rows,), t, jnp.int32), active,
+                jnp.int32(t), seeds, counts, temp, top_k, top_p, jnp.asarray(want_top),
+                greedy, rows=rows)
+            out.append(np.asarray(ids))
+        return np.stack(out), np.asarray(tok_lp)
+
+    fast, lp_fast = run(table)
+    slow, _ = run(None)
+    np.testing.assert_array_equal(fast, slow)
+    assert len(set(fast[:, 0].tolist())) > 2 and not lp_fast.any()
+    with_lp, lp = run(table, want_top=True)  # logprobs asked: the logits branch
+    np.testing.assert_array_equal(with_lp, slow)
+    assert np.all(lp < 0)
+    args = (params, dev.empty_cache(model, rows), z, z, *settings, jnp.asarray(False))
+    assert "lm_greedy_tied" in str(jax.make_jaxpr(
+        lambda *a: dev.step(model, *a, table, rows=rows))(*args))
+    assert "lm_greedy_tied" not in str(jax.make_jaxpr(
+        lambda *a: dev.step(model, *a, None, rows=rows))(*args))

@@ -21,8 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lm.generate import categorical_from_uniform, greedy_token
+from lm.generate import categorical_from_uniform, greedy_from_hidden, greedy_token
+from lm.kernels import greedy as greedy_kernel
 from lm.models.cache import INDEX_LEAVES, SEQ_AFTER_ROW, leaf_name, merge_rows, row_axis, split_rows
+from lm.models.layers import tied_logits
 from lm.models.transformer import Decoder
 
 TOP_N = 20  # alternatives returned per position (the API's maximum `logprobs`)
@@ -123,38 +125,65 @@ def _put_first_rows(cache, part):
                                                        split_rows(part)))
 
 
+def greedy_table(model: Decoder, params):
+    """The output table's int8 form for `step`'s greedy rows (`lm.kernels.greedy`), made
+    once per engine; None where the kernel does not apply (see `greedy_from_hidden`;
+    `step` checks its own number of rows)."""
+    return jax.jit(lambda p: greedy_from_hidden(model.cfg, p, 1))(params)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "rows"), donate_argnums=(2,))
 def step(model: Decoder, params, cache, ids_S, positions_B, active_B, column, seeds_B,
-         counters_B, temperature_B, top_k_B, top_p_B, want_top, *, rows: int):
+         counters_B, temperature_B, top_k_B, top_p_B, want_top, greedy=None, *, rows: int):
     """One token for each of the first `rows` slots (the occupied ones; the engine fills
     slots lowest first, so few clients cost a small batch): feeds `ids_S[:rows]` at
     `positions_B` (written at `column`) and samples the next token per row. Returns
     (cache, ids_S with the next tokens, their logprobs, top-N ids, top-N logprobs);
     logprobs are of the untempered model distribution, computed only when `want_top`
-    (some row asked for logprobs; zeros otherwise). Per-row inputs (`_B`) have `rows` entries."""
+    (some row asked for logprobs; zeros otherwise). Per-row inputs (`_B`) have `rows` entries.
+
+    With `greedy` (`greedy_table`), a step where every row is greedy and none wants
+    logprobs picks its tokens from the hidden state through the int8 table (the tokens
+    the logits would give, bit for bit) and computes no logits."""
     full = cache
     cache = _set_index(_first_rows(cache, rows), column)
     ids_B = ids_S[:rows]
     seg = active_B.astype(jnp.int32)[:, None]
-    logits, mutated = model.apply({"params": params, "cache": cache}, ids_B[:, None], seg,
-                                  positions_B[:, None], mutable=["cache"])
-    logits_BV = logits[:, -1].astype(jnp.float32)
+    fast = greedy is not None and greedy_kernel.usable(rows, greedy[0])
+    out, mutated = model.apply({"params": params, "cache": cache}, ids_B[:, None], seg,
+                               positions_B[:, None], mutable=["cache"], return_hidden=fast)
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_B, counters_B)
-    tok = sample_rows(logits_BV, keys, temperature_B, top_k_B, top_p_B)
-    b, v = logits_BV.shape
-    n = min(TOP_N, v)
+    b, n = rows, min(TOP_N, model.cfg.vocab_size)
 
-    def logprobs(logits_BV):
+    def logprobs(logits_BV, tok):
         logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
         tok_lp = jnp.take_along_axis(logp_BV, tok[:, None], axis=-1)[:, 0]
         top_lp, top_ids = jax.lax.top_k(logp_BV, n)
         return tok_lp, top_lp, top_ids.astype(jnp.int32)
 
-    def nothing(logits_BV):
+    def nothing(logits_BV, tok):
         return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, n), jnp.float32),
                 jnp.zeros((b, n), jnp.int32))
 
-    tok_lp, top_lp, top_ids = jax.lax.cond(want_top, logprobs, nothing, logits_BV)
+    def from_logits(logits_BV):
+        tok = sample_rows(logits_BV, keys, temperature_B, top_k_B, top_p_B)
+        return (tok, *jax.lax.cond(want_top, logprobs, nothing, logits_BV, tok))
+
+    if fast:
+        table, quantized, scale = greedy
+        h_BD = out[:, -1] * scale  # as Embedder.attend scales it before the product
+
+        def pick(h_BD):
+            tok = greedy_kernel.greedy(h_BD, table, quantized)
+            return (tok, *nothing(None, tok))
+
+        def full_head(h_BD):
+            return from_logits(tied_logits(h_BD, table, model.cfg.compute_dtype))
+
+        tok, tok_lp, top_lp, top_ids = jax.lax.cond(
+            jnp.all(temperature_B == 0) & ~want_top, pick, full_head, h_BD)
+    else:
+        tok, tok_lp, top_lp, top_ids = from_logits(out[:, -1].astype(jnp.float32))
     return (_put_first_rows(full, mutated["cache"]), ids_S.at[:rows].set(tok), tok_lp,
             top_ids.astype(jnp.int32), top_lp)
 
