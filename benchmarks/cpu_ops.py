@@ -26,6 +26,9 @@
   (`weights_read`: a column sum, bound by memory bandwidth);
 - a batch-8 decoding step's tied logits [8, width] x [vocab, width]ᵀ as XLA's product
   and lm's logits kernel (`decode_logits_*`);
+- greedy decoding's token from 1 or 8 hidden rows: the logits kernel then the argmax
+  kernel (`pick_logits_argmax_*`), and lm's int8-table kernel with exact rescoring
+  (`pick_greedy_kernel_*`, lm.kernels.greedy), and the int8 copy itself (`quantize_table`);
 - greedy decoding's token choice over 8 logits rows: `lax.top_k(x, 1)`, jnp.argmax and
   lm's CPU argmax kernel (`argmax_*`); sampling's over the same rows (temperature 1, no
   filter): lm.generate's XLA steps and lm's CPU kernel (`sample_*`);
@@ -114,12 +117,22 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     from lm.kernels import argmax as argmax_kernel
     from lm.kernels import build
     from lm.kernels import gemm as gemm_kernel
+    from lm.kernels import greedy as greedy_kernel
     from lm.kernels import logits as logits_kernel
     from lm.models import custom_grads
     from lm.objectives import losses
 
     targets = jax.random.randint(key, (rows,), 0, vocab)
     weights = jnp.ones((rows,))
+    quantized = (greedy_kernel.quantize(table * 0.02)
+                 if greedy_kernel.usable(8, table) else None)
+
+    def pick_logits(x, e):
+        return generate.greedy_token(logits_kernel.small_logits(x, e)
+                                     if logits_kernel.usable(x, e) else x @ e.T)
+
+    def pick_greedy(x, e, q):
+        return greedy_kernel.greedy(x, e, q)
 
     def ce_chunk(dtype, kernel: bool):
         def fn(x, t, w):  # x + 0: a fresh buffer the fp32 kernel may overwrite in place
@@ -249,6 +262,17 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         "decode_logits_xla": (lambda x, e: dot(x, e, ((1,), (1,))), (h8, table)),
         "decode_logits_kernel": (logits_kernel.small_logits if logits_kernel.usable(h8, table)
                                  else lambda x, e: dot(x, e, ((1,), (1,))), (h8, table)),
+        # greedy decoding's token from the hidden state: logits then argmax (the logits
+        # path), or the int8 table with exact rescoring (lm.kernels.greedy; the logits
+        # path where the kernels are not built); the table is scaled like a GPT's (0.02)
+        **{f"pick_{name}_{rows}": (fn, (h8[:rows], table * 0.02, *extra))
+           for rows in (1, 8)
+           for name, fn, extra in (
+               ("logits_argmax", pick_logits, ()),
+               ("greedy_kernel", pick_greedy if quantized else pick_logits,
+                (quantized,) if quantized else ()))},
+        "quantize_table": (greedy_kernel.quantize if quantized else lambda e: e * 1,
+                           (table * 0.02,)),
         # greedy decoding's token choice over [8, vocab] logits
         "argmax_top_k1": (lambda x: jax.lax.top_k(x, 1)[1][:, 0], (logits8,)),
         "argmax_jnp": (lambda x: jnp.argmax(x, -1), (logits8,)),
@@ -296,7 +320,8 @@ def main() -> None:
             continue
         ms = best_ms(jax.jit(fn), *operands, repeats=args.repeats)
         print(json.dumps({"what": "cpu_op", "op": name,
-                          "shapes": [list(o.shape) for o in operands], "best_ms": round(ms, 3),
+                          "shapes": [list(o.shape) for o in jax.tree.leaves(operands)],
+                          "best_ms": round(ms, 3),
                           "xla_flags": flags, "cpu_flags": runtime.cpu_flags()}), flush=True)
 
 
