@@ -9,7 +9,12 @@ approximation, and computes exactly (with the logits kernel's own tiles, so the 
 fp32 values) only the rows whose upper bound reaches the best lower bound, of which the
 argmax is always one. The bound is worst-case (Cauchy-Schwarz plus the fp32 rounding of
 both products), so the token never differs; only the number of rows computed again
-depends on the data (a few per token on a GPT model, `greedy_with_count`).
+depends on the data (`greedy_with_count`: 1-12, 2.1 on average, on the benchmarks' random
+GPT 4x256). On a 2-core AVX2 CPU the pick from the hidden state takes 0.96-1.52 ms
+against 2.86-2.96 for the logits kernel and argmax (1 row), 2.48-2.75 against 6.12-6.46
+(8 rows), the copy 4.8-5.2 ms (`python benchmarks/cpu_ops.py --ops pick_logits_argmax_1
+pick_greedy_kernel_1 pick_logits_argmax_8 pick_greedy_kernel_8 quantize_table`): greedy
+decoding 2.07x (batch 1) and 1.72x (batch 8) faster (README, Performance).
 """
 
 from __future__ import annotations
