@@ -28,7 +28,8 @@
   and lm's logits kernel (`decode_logits_*`);
 - greedy decoding's token from 1 or 8 hidden rows: the logits kernel then the argmax
   kernel (`pick_logits_argmax_*`), and lm's int8-table kernel with exact rescoring
-  (`pick_greedy_kernel_*`, lm.kernels.greedy), and the int8 copy itself (`quantize_table`);
+  (`pick_greedy_kernel_*`, lm.kernels.greedy, where the kernels are built and the width
+  is a multiple of 16), and the int8 copy itself (`quantize_table`);
 - greedy decoding's token choice over 8 logits rows: `lax.top_k(x, 1)`, jnp.argmax and
   lm's CPU argmax kernel (`argmax_*`); sampling's over the same rows (temperature 1, no
   filter): lm.generate's XLA steps and lm's CPU kernel (`sample_*`);
@@ -263,16 +264,13 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         "decode_logits_kernel": (logits_kernel.small_logits if logits_kernel.usable(h8, table)
                                  else lambda x, e: dot(x, e, ((1,), (1,))), (h8, table)),
         # greedy decoding's token from the hidden state: logits then argmax (the logits
-        # path), or the int8 table with exact rescoring (lm.kernels.greedy; the logits
-        # path where the kernels are not built); the table is scaled like a GPT's (0.02)
-        **{f"pick_{name}_{rows}": (fn, (h8[:rows], table * 0.02, *extra))
-           for rows in (1, 8)
-           for name, fn, extra in (
-               ("logits_argmax", pick_logits, ()),
-               ("greedy_kernel", pick_greedy if quantized else pick_logits,
-                (quantized,) if quantized else ()))},
-        "quantize_table": (greedy_kernel.quantize if quantized else lambda e: e * 1,
-                           (table * 0.02,)),
+        # path), and where the kernels apply the int8 table with exact rescoring
+        # (lm.kernels.greedy) and its copy; the table scaled like a GPT's (0.02)
+        **{f"pick_logits_argmax_{rows}": (pick_logits, (h8[:rows], table * 0.02))
+           for rows in (1, 8)},
+        **({f"pick_greedy_kernel_{rows}": (pick_greedy, (h8[:rows], table * 0.02, quantized))
+            for rows in (1, 8)} if quantized else {}),
+        **({"quantize_table": (greedy_kernel.quantize, (table * 0.02,))} if quantized else {}),
         # greedy decoding's token choice over [8, vocab] logits
         "argmax_top_k1": (lambda x: jax.lax.top_k(x, 1)[1][:, 0], (logits8,)),
         "argmax_jnp": (lambda x: jnp.argmax(x, -1), (logits8,)),

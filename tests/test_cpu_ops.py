@@ -25,7 +25,7 @@ def _module():
 
 
 def test_ops_compute_their_reference_values():
-    ops = _module().ops(vocab=37, rows=6, width=5, bias_shape=(3, 3, 4),
+    ops = _module().ops(vocab=37, rows=6, width=16, bias_shape=(3, 3, 4),
                         attention_shape=(2, 3, 4, 5), weight_grad_shape=(24, 5, 9),
                         gelu_shape=(3, 7), dense_shape=(13, 5, 32))
     (x,) = ops["row_max"][1]
@@ -61,11 +61,24 @@ def test_ops_compute_their_reference_values():
     g16 = np.asarray(g16.astype(np.float32), np.float64)
     want["bias_grad_bf16_reduce"] = want["bias_grad_bf16_ones8_product"] = g16.sum((0, 1))
     (w_all,) = ops["weights_read"][1]
-    assert w_all.shape == (37 + 48 * 5, 5)
+    assert w_all.shape == (37 + 48 * 16, 16)
     want["weights_read"] = np.asarray(w_all, np.float64).sum(0)
     h8, e = (np.asarray(a, np.float64) for a in ops["decode_logits_kernel"][1])
-    assert h8.shape == (8, 5)
+    assert h8.shape == (8, 16)
     want["decode_logits_xla"] = want["decode_logits_kernel"] = h8 @ e.T
+    for rows in (1, 8):  # greedy tokens from the hidden state
+        x_, table_ = (np.asarray(a, np.float64) for a in ops[f"pick_logits_argmax_{rows}"][1])
+        want[f"pick_logits_argmax_{rows}"] = (x_ @ table_.T).argmax(-1)
+        if f"pick_greedy_kernel_{rows}" in ops:  # where the CPU kernels are built
+            want[f"pick_greedy_kernel_{rows}"] = want[f"pick_logits_argmax_{rows}"]
+    if "quantize_table" in ops:  # int8 rows, their scales and error radii
+        (w_,) = (np.asarray(a, np.float64) for a in ops["quantize_table"][1])
+        s_ = np.abs(w_).max(-1) / 127
+        q_ = np.rint(w_ / s_[:, None])
+        gamma = 2 * (w_.shape[1] + 2) * 2.0**-24
+        radius = (np.linalg.norm(w_ - s_[:, None] * q_, axis=-1) + gamma * (
+            np.linalg.norm(w_, axis=-1) + s_ * np.linalg.norm(q_, axis=-1))) * 1.001
+        want["quantize_table"] = (q_, s_, radius)
     u8, x8s = (np.asarray(a, np.float64) for a in ops["sample_kernel"][1])
     p8 = np.exp(x8s - x8s.max(-1, keepdims=True)).cumsum(-1)
     want["sample_xla"] = want["sample_kernel"] = (p8 <= (u8 * p8[:, -1])[:, None]).sum(-1)
