@@ -12,51 +12,6 @@
 
 namespace {
 
-int32_t RowArgmax(const float* x, int64_t v) {
-  // pass 1: the max (NaN-free lanes; 4 accumulators), and whether any NaN is present
-  vf m[4] = {Splat(-INFINITY), Splat(-INFINITY), Splat(-INFINITY), Splat(-INFINITY)};
-  vi nan = vi{};
-  int64_t j = 0;
-  for (; j + 4 * kLanes <= v; j += 4 * kLanes) {
-    for (int u = 0; u < 4; ++u) {
-      const vf a = Load(x + j + u * kLanes);
-      m[u] = a > m[u] ? a : m[u];
-      nan |= (vi)(a != a);
-    }
-  }
-  for (; j + kLanes <= v; j += kLanes) {
-    const vf a = Load(x + j);
-    m[0] = a > m[0] ? a : m[0];
-    nan |= (vi)(a != a);
-  }
-  for (int u = 1; u < 4; ++u) m[0] = m[u] > m[0] ? m[u] : m[0];
-  float mx = HorizontalMax(m[0]);
-  bool any_nan = false;
-  for (int l = 0; l < kLanes; ++l) any_nan |= nan[l] != 0;
-  for (; j < v; ++j) {
-    mx = x[j] > mx ? x[j] : mx;
-    any_nan |= x[j] != x[j];
-  }
-  // pass 2: the first index holding it (a row of -inf or of NaN: index 0 or the first
-  // NaN), a vector of lanes at a time
-  int64_t i = 0;
-  for (; i + kLanes <= v; i += kLanes) {
-    const vf a = Load(x + i);
-    const vi hit = any_nan ? (vi)(a != a) : (vi)(a == mx);
-    bool any = false;
-    for (int l = 0; l < kLanes; ++l) any |= hit[l] != 0;
-    if (any) {
-      for (int l = 0; l < kLanes; ++l) {
-        if (hit[l]) return static_cast<int32_t>(i + l);
-      }
-    }
-  }
-  for (; i < v; ++i) {
-    if (any_nan ? x[i] != x[i] : x[i] == mx) return static_cast<int32_t>(i);
-  }
-  return 0;
-}
-
 // body(r) for every row: over XLA's threads where rows are long (decoding's vocabularies),
 // inline where a task would cost more than the row.
 void EachRow(ffi::ThreadPool& pool, int64_t rows, int64_t v,

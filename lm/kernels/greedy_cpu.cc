@@ -19,22 +19,6 @@
 
 namespace {
 
-// kLanes int8 values as floats (vpmovsxbd + vcvtdq2ps: GCC's generic conversion of a
-// byte vector goes through scalar registers)
-inline vf LoadWiden(const int8_t* p) {
-#if defined(__AVX512F__)
-  return (vf)_mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__AVX2__)
-  return (vf)_mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-#else
-  vf out;
-  for (int l = 0; l < kLanes; ++l) out[l] = p[l];
-  return out;
-#endif
-}
-
 // ---------------------------------------------------------------------------- quantize
 
 // kLanes integral floats in [-127, 127] stored as int8.
@@ -124,35 +108,7 @@ ffi::Error QuantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
 
 // ---------------------------------------------------------------- approximate logits
 
-// G h rows x P = kLanes / G int8 table rows: kLanes accumulators over the width (a
-// multiple of kLanes), reduced together; sums[i * P + p] = x_i . q_p.
-template <int G>
-inline void QuantTile(const float* h, const int8_t* q, int64_t d, float* sums) {
-  constexpr int P = kLanes / G;
-  vf acc[kLanes];
-#pragma GCC unroll 16
-  for (int j = 0; j < kLanes; ++j) acc[j] = Splat(0.0f);
-  for (int64_t k = 0; k < d; k += kLanes) {
-    if constexpr (G == 1) {  // each widened row straight into its sum: no 17th register
-      const vf hv = Load(h + k);
-#pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) acc[p] = Fma(hv, LoadWiden(q + p * d + k), acc[p]);
-    } else {
-      vf ev[P];
-#pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) ev[p] = LoadWiden(q + p * d + k);
-#pragma GCC unroll 16
-      for (int i = 0; i < G; ++i) {
-        const vf hv = Load(h + i * d + k);
-#pragma GCC unroll 16
-        for (int p = 0; p < P; ++p) acc[i * P + p] = Fma(hv, ev[p], acc[i * P + p]);
-      }
-    }
-  }
-  const vf s = SumsOfLanes(acc);
-  std::memcpy(sums, &s, sizeof(s));
-}
-
+#if defined(__AVX512F__) || defined(__AVX2__)  // the logits kernel's tiles
 // approx[i, v] = scale[v] * (x_i . q_v) for the kLanes table rows from v, h rows [m, m + G)
 // at G per tile (lane i * P + p: h row m + i, table row p); `low` keeps, lane-wise, the
 // largest approx - ||x|| radius seen (a NaN approximate logit leaves it as it was; the
@@ -167,7 +123,7 @@ inline void QuantBlock(const float* H, const int8_t* Q, const float* S, const fl
   for (int t = 0; t < kLanes / P; ++t) {
     const int64_t v0 = v + t * P;
     float sums[kLanes];
-    QuantTile<G>(H + m * d, Q + v0 * d, d, sums);
+    Tile<G>(H + m * d, Q + v0 * d, d, sums, P);  // sums[i * P + p]
     vf scale, radius;
     for (int j = 0; j < kLanes; ++j) {
       scale[j] = S[v0 + j % P];
@@ -253,20 +209,13 @@ struct Exact {
   }
 };
 
-// argmax of the whole fp32 row (first index on ties, the first NaN if any), as
-// jnp.argmax: the path for rows whose bounds are not finite.
+// The fp32 path for a row whose bounds are not finite: the logits kernel's whole row
+// (TiledRows, as SmallLogitsImpl sums it) and the argmax kernel's choice of it.
 int32_t FullArgmax(Exact& exact, int64_t vocab, int64_t* rescored) {
   *rescored = vocab;
-  int64_t best = 0;
-  float top = exact(0);
-  for (int64_t v = 1; v < vocab && top == top; ++v) {
-    const float x = exact(v);
-    if (x != x || x > top) {
-      best = v;
-      top = x;
-    }
-  }
-  return static_cast<int32_t>(best);
+  float* row = Scratch(3, vocab);
+  TiledRows(exact.h, exact.E, 1, exact.d, 0, vocab, row, vocab);
+  return RowArgmax(row, vocab);
 }
 
 // The row's token from its approximate logits a[0, vocab), the largest lower bound L and
@@ -359,6 +308,16 @@ ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   }
   return ffi::Error::Success();
 }
+
+#else
+// Python calls it only on CPUs with AVX-512 or AVX2 (build.has_simd); the library still
+// builds elsewhere, for the other kernels.
+ffi::Error GreedyImpl(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                      ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                      ffi::ResultBuffer<ffi::S32>, ffi::ResultBuffer<ffi::S32>) {
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "the greedy kernel needs AVX-512 or AVX2");
+}
+#endif
 
 }  // namespace
 

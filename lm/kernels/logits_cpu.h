@@ -92,24 +92,46 @@ __attribute__((always_inline)) inline vf SumsOfLanes(const vf* a) {
 #endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
-// G h rows x P = kLanes / G table rows in kLanes accumulators over the whole width (d a
-// multiple of kLanes), then one SumsOfLanes: out[i, v + p] for the tile, P at a time.
-template <int G>
-__attribute__((always_inline)) inline void Tile(const float* h, const float* e, int64_t d,
+// One register of table values as floats: fp32 as is, int8 widened (vpmovsxbd +
+// vcvtdq2ps; GCC's generic conversion of a byte vector goes through scalar registers).
+inline vf LoadRow(const float* p) { return Load(p); }
+inline vf LoadRow(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  return (vf)_mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#endif
+}
+
+// G h rows x P = kLanes / G table rows (fp32, or int8 for the greedy kernel's estimate)
+// in kLanes accumulators over the whole width (d a multiple of kLanes), then one
+// SumsOfLanes: out[i, v + p] for the tile, P at a time. With one h row each table
+// register goes straight into its sum (no 17th AVX2 register, no spill); every
+// accumulator sees the same multiply-adds in the same order whatever G is.
+template <int G, typename T>
+__attribute__((always_inline)) inline void Tile(const float* h, const T* e, int64_t d,
                                                 float* out, int64_t out_stride) {
   constexpr int P = kLanes / G;
   vf acc[G * P];
 #pragma GCC unroll 16
   for (int j = 0; j < G * P; ++j) acc[j] = Splat(0.0f);
   for (int64_t k = 0; k < d; k += kLanes) {
-    vf ev[P];
+    if constexpr (G == 1) {
+      const vf hv = Load(h + k);
 #pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) ev[p] = Load(e + p * d + k);
+      for (int p = 0; p < P; ++p) acc[p] = Fma(hv, LoadRow(e + p * d + k), acc[p]);
+    } else {
+      vf ev[P];
 #pragma GCC unroll 16
-    for (int i = 0; i < G; ++i) {
-      const vf hv = Load(h + i * d + k);
+      for (int p = 0; p < P; ++p) ev[p] = LoadRow(e + p * d + k);
 #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) acc[i * P + p] = Fma(hv, ev[p], acc[i * P + p]);
+      for (int i = 0; i < G; ++i) {
+        const vf hv = Load(h + i * d + k);
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p) acc[i * P + p] = Fma(hv, ev[p], acc[i * P + p]);
+      }
     }
   }
   const vf sums = SumsOfLanes(acc);
