@@ -28,7 +28,7 @@
   and lm's logits kernel (`decode_logits_*`);
 - greedy decoding's token from 1 or 8 hidden rows: the logits kernel then the argmax
   kernel (`pick_logits_argmax_*`), and lm's int8-table kernel with exact rescoring
-  (`pick_greedy_kernel_*`, lm.kernels.greedy, where the kernels are built and the width
+  (`pick_greedy_kernel_*`, lm.kernels.pick, where the kernels are built and the width
   is a multiple of 16), and the int8 copy itself (`quantize_table`);
 - greedy decoding's token choice over 8 logits rows: `lax.top_k(x, 1)`, jnp.argmax and
   lm's CPU argmax kernel (`argmax_*`); sampling's over the same rows (temperature 1, no
@@ -118,22 +118,22 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     from lm.kernels import argmax as argmax_kernel
     from lm.kernels import build
     from lm.kernels import gemm as gemm_kernel
-    from lm.kernels import greedy as greedy_kernel
     from lm.kernels import logits as logits_kernel
+    from lm.kernels import pick as pick_kernel
     from lm.models import custom_grads
     from lm.objectives import losses
 
     targets = jax.random.randint(key, (rows,), 0, vocab)
     weights = jnp.ones((rows,))
-    quantized = (greedy_kernel.quantize(table * 0.02)
-                 if greedy_kernel.usable(8, table) else None)
+    quantized = (pick_kernel.quantize(table * 0.02)
+                 if pick_kernel.usable(8, table) else None)
 
     def pick_logits(x, e):
         return generate.greedy_token(logits_kernel.small_logits(x, e)
                                      if logits_kernel.usable(x, e) else x @ e.T)
 
     def pick_greedy(x, e, q):
-        return greedy_kernel.greedy(x, e, q)
+        return pick_kernel.greedy(x, e, q)
 
     def ce_chunk(dtype, kernel: bool):
         def fn(x, t, w):  # x + 0: a fresh buffer the fp32 kernel may overwrite in place
@@ -265,12 +265,12 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
                                  else lambda x, e: dot(x, e, ((1,), (1,))), (h8, table)),
         # greedy decoding's token from the hidden state: logits then argmax (the logits
         # path), and where the kernels apply the int8 table with exact rescoring
-        # (lm.kernels.greedy) and its copy; the table scaled like a GPT's (0.02)
+        # (lm.kernels.pick) and its copy; the table scaled like a GPT's (0.02)
         **{f"pick_logits_argmax_{rows}": (pick_logits, (h8[:rows], table * 0.02))
            for rows in (1, 8)},
         **({f"pick_greedy_kernel_{rows}": (pick_greedy, (h8[:rows], table * 0.02, quantized))
             for rows in (1, 8)} if quantized else {}),
-        **({"quantize_table": (greedy_kernel.quantize, (table * 0.02,))} if quantized else {}),
+        **({"quantize_table": (pick_kernel.quantize, (table * 0.02,))} if quantized else {}),
         # greedy decoding's token choice over [8, vocab] logits
         "argmax_top_k1": (lambda x: jax.lax.top_k(x, 1)[1][:, 0], (logits8,)),
         "argmax_jnp": (lambda x: jnp.argmax(x, -1), (logits8,)),

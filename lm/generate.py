@@ -18,7 +18,7 @@ import numpy as np
 from flax import linen as nn
 
 from lm.kernels import argmax as argmax_kernel
-from lm.kernels import greedy as greedy_kernel
+from lm.kernels import pick as pick_kernel
 from lm.models.cache import gather_rows
 from lm.models.config import ModelConfig
 from lm.models.transformer import Decoder
@@ -125,17 +125,23 @@ def _forward(model: Decoder, params, cache, ids_BL, positions_BL, hidden_scale=N
     return out, mutated["cache"]
 
 
-def greedy_from_hidden(cfg: ModelConfig, params, batch: int):
-    """(table, its int8 form, scale) when greedy tokens can come from the hidden state
-    through `lm.kernels.greedy` (a tied fp32 output table on a CPU with the kernels: the
-    same tokens as the argmax of the logits kernel, a quarter of the table read per
-    token), else None."""
+def pick_head(cfg: ModelConfig, params, batch: int):
+    """(table, its int8 form, scale) when tokens can come from the hidden state through
+    `lm.kernels.pick` (a tied fp32 output table on a CPU with the kernels: greedy tokens
+    equal to the argmax of the logits kernel, draws as jax.random.categorical of its
+    logits, a quarter of the table read per token), else None."""
     if not cfg.tie_embeddings or jnp.dtype(cfg.compute_dtype) != jnp.float32:
         return None
     table, scale = Decoder.output_table(cfg, nn.meta.unbox(params))
-    if not greedy_kernel.usable(batch, table):
+    if not pick_kernel.usable(batch, table):
         return None
-    return table, greedy_kernel.quantize(table), jnp.float32(scale)
+    return table, pick_kernel.quantize(table), jnp.float32(scale)
+
+
+def picks_from_hidden(temperature: float, top_k: int, top_p: float, vocab: int) -> bool:
+    """Whether a sampling setting needs only what `lm.kernels.pick` gives (greedy, or a
+    tempered draw from the whole softmax): top-k and nucleus filters need every logit."""
+    return temperature == 0 or ((top_k == 0 or top_k >= vocab) and top_p >= 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -149,13 +155,18 @@ def _decode(model: Decoder, params, prompt_BP, ctx_BC, rng, *, max_new_tokens: i
     b, lp = prompt_BP.shape
     cache_len = model.cache_len
     keep = cache_len // 2
-    # greedy on the CPU: the loop carries the hidden state and picks through the int8 table
-    fast = greedy_from_hidden(model.cfg, params, b) if temperature == 0 else None
+    # on the CPU, greedy or a plain tempered draw: the loop carries the hidden state and
+    # picks through the int8 table
+    fast = (pick_head(model.cfg, params, b)
+            if picks_from_hidden(temperature, top_k, top_p, model.cfg.vocab_size) else None)
     hidden_scale = None if fast is None else fast[2]
 
     def pick(rng, out):
-        if fast is not None:
-            return greedy_kernel.greedy(out, fast[0], fast[1])
+        if fast is not None and temperature == 0:
+            return pick_kernel.greedy(out, fast[0], fast[1])
+        if fast is not None:  # jax.random.categorical(key_b, logits_b / temperature) per row
+            return pick_kernel.sample(out, fast[0], fast[1], jnp.full((b,), temperature,
+                                      jnp.float32), jax.random.split(rng, b))
         return sample_token(rng, out, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def forward(cache, ids_BL, pos_BL):

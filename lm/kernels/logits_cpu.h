@@ -1,5 +1,5 @@
 // The fp32 tiles of the few-row logits product (logits_cpu.cc), shared with the exact
-// rescoring of the greedy kernel (greedy_cpu.cc), which must reproduce its logits bit for
+// rescoring of the greedy kernel (pick_cpu.cc), which must reproduce its logits bit for
 // bit: every table row's logit is summed in the same order whatever tile it falls in
 // (tests/test_cpu_logits.py, test_a_row_does_not_depend_on_its_batch).
 

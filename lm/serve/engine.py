@@ -97,7 +97,7 @@ class Engine:
         self.model = Decoder(cfg, decode=True, cache_len=self.context)
         self.full_model = Decoder(cfg)
         self.cache = dev.empty_cache(self.model, slots)
-        self.greedy = dev.greedy_table(self.model, self.params)
+        self.head = dev.pick_table(self.model, self.params)
         self.ids = jnp.zeros((slots,), jnp.int32)
         self.column = 0
         self.seqs: list[Seq | None] = [None] * slots
@@ -151,7 +151,7 @@ class Engine:
             cache, ids, *_ = dev.step(self.model, self.params, cache, ids, z, z > 0,
                                       jnp.int32(0), z.astype(np.uint32), z,
                                       z.astype(np.float32), z, np.ones(k, np.float32),
-                                      jnp.asarray(False), self.greedy, rows=k)
+                                      jnp.asarray(False), self.head, rows=k)
             if k == self.slots:
                 break
             rows = k + 1
@@ -270,7 +270,7 @@ class Engine:
                        jnp.asarray(self.temp[:k]), jnp.asarray(self.top_k[:k]),
                        jnp.asarray(self.top_p[:k]),
                        jnp.asarray(any(s is not None and s.logprobs for s in self.seqs)),
-                       self.greedy, rows=k)
+                       self.head, rows=k)
         self.cache, self.ids = out[0], out[1]
         snapshot = [(i, s) for i, s in enumerate(self.seqs) if s is not None]
         self.pos[active] += 1

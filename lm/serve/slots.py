@@ -21,8 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lm.generate import categorical_from_uniform, greedy_from_hidden, greedy_token
-from lm.kernels import greedy as greedy_kernel
+from lm.generate import greedy_token, pick_head
+from lm.kernels import pick as pick_kernel
+from lm.kernels.build import on_cpu
 from lm.models.cache import INDEX_LEAVES, SEQ_AFTER_ROW, leaf_name, merge_rows, row_axis, split_rows
 from lm.models.layers import tied_logits
 from lm.models.transformer import Decoder
@@ -78,12 +79,30 @@ def insert(cache, rows, slots_K, shifts_K):
     return merge_rows(jax.tree_util.tree_map_with_path(put, cache, rows))
 
 
+def tempered(temperature_B):
+    """The temperature each row divides its logits by: 0 (greedy) stays 0, others at least
+    1e-6. The kernel and the logits path use the same, so they draw the same token."""
+    return jnp.where(temperature_B > 0, jnp.maximum(temperature_B, 1e-6), 0.0)
+
+
+def gumbel_rows(keys_B, vocab: int):
+    """jax.random.gumbel(key_b, (vocab,)) per row: on the CPU the noise `lm.kernels.pick`
+    adds (one vectorised pass; XLA's threefry and logarithms cost more than a decode
+    step), elsewhere jax's own."""
+    if on_cpu():
+        return pick_kernel.gumbel(keys_B, vocab)
+    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab,)))(keys_B)
+
+
 def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     """Per-row sampling: greedy where temperature == 0, else a draw from the tempered
     softmax restricted to the top-k logits (0 = all) and then to the nucleus `top_p`
-    (the same filters as `lm.generate.filter_logits`, with settings per row). The sort
-    the filters need runs only when some row asks for one, and nothing but an argmax
-    runs when every row is greedy."""
+    (the same filters as `lm.generate.filter_logits`, with settings per row). A draw is
+    jax.random.categorical(key_b, filtered logits / t_b): the first argmax of
+    gumbel(key_b) + logits / t_b, the token the pick kernel draws for an unfiltered row,
+    so a row's tokens do not depend on which branch its batch took. The sort the filters
+    need runs only when some row asks for one, and nothing but an argmax runs when every
+    row is greedy."""
     v = logits_BV.shape[-1]
     neg = jnp.finfo(logits_BV.dtype).min
     greedy = greedy_token(logits_BV)  # on the CPU lm's argmax kernel
@@ -100,11 +119,11 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
         return jnp.where((x < kth) | (x < cutoff), neg, x)
 
     def draw(_):
-        x = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+        x = logits_BV / jnp.maximum(tempered(temperature_B), 1e-6)[:, None]
         needs_filter = jnp.any((temperature_B > 0) & ((top_k_B > 0) | (top_p_B < 1.0)))
         x = jax.lax.cond(needs_filter, filtered, lambda x: x, x)
-        drawn = categorical_from_uniform(jax.vmap(jax.random.uniform)(keys_B), x)
-        return jnp.where(temperature_B == 0, greedy, drawn.astype(jnp.int32))
+        drawn = greedy_token(gumbel_rows(keys_B, v) + x)
+        return jnp.where(temperature_B == 0, greedy, drawn)
 
     return jax.lax.cond(jnp.all(temperature_B == 0), lambda _: greedy, draw, None)
 
@@ -125,16 +144,16 @@ def _put_first_rows(cache, part):
                                                        split_rows(part)))
 
 
-def greedy_table(model: Decoder, params):
-    """The output table's int8 form for `step`'s greedy rows (`lm.kernels.greedy`), made
-    once per engine; None where the kernel does not apply (see `greedy_from_hidden`;
+def pick_table(model: Decoder, params):
+    """The output table's int8 form for `step`'s picks (`lm.kernels.pick`), made
+    once per engine; None where the kernel does not apply (see `pick_head`;
     `step` checks its own number of rows)."""
-    return jax.jit(lambda p: greedy_from_hidden(model.cfg, p, 1))(params)
+    return jax.jit(lambda p: pick_head(model.cfg, p, 1))(params)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "rows"), donate_argnums=(2,))
 def step(model: Decoder, params, cache, ids_S, positions_B, active_B, column, seeds_B,
-         counters_B, temperature_B, top_k_B, top_p_B, want_top, greedy=None, *, rows: int):
+         counters_B, temperature_B, top_k_B, top_p_B, want_top, head=None, *, rows: int):
     """One token for each of the first `rows` slots (the occupied ones; the engine fills
     slots lowest first, so few clients cost a small batch): feeds `ids_S[:rows]` at
     `positions_B` (written at `column`) and samples the next token per row. Returns
@@ -142,14 +161,15 @@ def step(model: Decoder, params, cache, ids_S, positions_B, active_B, column, se
     logprobs are of the untempered model distribution, computed only when `want_top`
     (some row asked for logprobs; zeros otherwise). Per-row inputs (`_B`) have `rows` entries.
 
-    With `greedy` (`greedy_table`), a step where every row is greedy and none wants
-    logprobs picks its tokens from the hidden state through the int8 table (the tokens
-    the logits would give, bit for bit) and computes no logits."""
+    With `head` (`pick_table`), a step where no row filters (top-k, top-p) and none wants
+    logprobs picks its tokens from the hidden state through the int8 table and computes
+    no logits: greedy rows the logits' argmax, sampled rows the same draw as
+    `sample_rows` (bit for bit, both)."""
     full = cache
     cache = _set_index(_first_rows(cache, rows), column)
     ids_B = ids_S[:rows]
     seg = active_B.astype(jnp.int32)[:, None]
-    fast = greedy is not None and greedy_kernel.usable(rows, greedy[0])
+    fast = head is not None and pick_kernel.usable(rows, head[0])
     out, mutated = model.apply({"params": params, "cache": cache}, ids_B[:, None], seg,
                                positions_B[:, None], mutable=["cache"], return_hidden=fast)
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_B, counters_B)
@@ -170,18 +190,20 @@ def step(model: Decoder, params, cache, ids_S, positions_B, active_B, column, se
         return (tok, *jax.lax.cond(want_top, logprobs, nothing, logits_BV, tok))
 
     if fast:
-        table, quantized, scale = greedy
+        table, quantized, scale = head
         h_BD = out[:, -1] * scale  # as Embedder.attend scales it before the product
 
         def pick(h_BD):
-            tok = greedy_kernel.greedy(h_BD, table, quantized)
+            tok = pick_kernel.sample(h_BD, table, quantized, tempered(temperature_B), keys)
             return (tok, *nothing(None, tok))
 
         def full_head(h_BD):
             return from_logits(tied_logits(h_BD, table, model.cfg.compute_dtype))
 
+        v = model.cfg.vocab_size
+        unfiltered = (temperature_B == 0) | (((top_k_B == 0) | (top_k_B >= v)) & (top_p_B >= 1.0))
         tok, tok_lp, top_lp, top_ids = jax.lax.cond(
-            jnp.all(temperature_B == 0) & ~want_top, pick, full_head, h_BD)
+            jnp.all(unfiltered) & ~want_top, pick, full_head, h_BD)
     else:
         tok, tok_lp, top_lp, top_ids = from_logits(out[:, -1].astype(jnp.float32))
     return (_put_first_rows(full, mutated["cache"]), ids_S.at[:rows].set(tok), tok_lp,

@@ -1,6 +1,8 @@
-"""The CPU greedy kernel (lm/kernels/greedy_cpu.cc): tokens from an int8 copy of the output
-table with exact fp32 rescoring equal argmax(small_logits) bit for bit, its error bound
-holds, it rescores few rows, and greedy decoding uses it."""
+"""The CPU pick kernel (lm/kernels/pick_cpu.cc): tokens from an int8 copy of the output
+table with exact fp32 rescoring. Greedy tokens equal argmax(small_logits) bit for bit;
+sampled tokens equal argmax(its noise + small_logits / t) bit for bit, its noise is jax's
+Gumbel noise to an ulp, and the draws are jax.random.categorical's; the error bound holds,
+few rows are rescored, and decoding and serving use it."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from flax import linen as nn
 
 from lm.kernels import argmax as argmax_kernel
 from lm.kernels import build
-from lm.kernels import greedy as kernel
 from lm.kernels import logits as logits_kernel
+from lm.kernels import pick as kernel
 
 pytestmark = pytest.mark.skipif(
     not (build.has_simd() and build.available()),
@@ -120,7 +122,12 @@ def test_greedy_decoding_goes_through_it():
             top_k=0, top_p=1.0, eos_id=None, windowed=False))(params))
 
     assert "lm_greedy_tied" in hlo(0.0) and "lm_small_logits" not in hlo(0.0)
-    assert "lm_greedy_tied" not in hlo(1.0)  # sampling needs every logit
+    assert "lm_sample_tied" in hlo(1.0) and "lm_small_logits" not in hlo(1.0)
+    for top_k, top_p in [(5, 1.0), (0, 0.9)]:  # filters need every logit
+        jaxpr = str(jax.make_jaxpr(lambda p, top_k=top_k, top_p=top_p: _decode(
+            model, p, ids, ids, jax.random.key(0), max_new_tokens=4, temperature=1.0,
+            top_k=top_k, top_p=top_p, eos_id=None, windowed=False))(params))
+        assert "lm_sample_tied" not in jaxpr and "lm_small_logits" in jaxpr
     assert not kernel.usable(2, jnp.zeros((40, 24), jnp.float32))  # width not a multiple of 16
     assert not kernel.usable(kernel.MAX_ROWS + 1, jnp.zeros((40, 32), jnp.float32))
 
@@ -159,7 +166,7 @@ def test_serving_steps_pick_the_logits_paths_tokens():
         "params"])
     params = jax.tree.map(lambda p: p * 10, params)
     model = Decoder(cfg, decode=True, cache_len=16)
-    table = dev.greedy_table(model, params)
+    table = dev.pick_table(model, params)
     assert table is not None
     rows = 4
     z = jnp.zeros((rows,), jnp.int32)
@@ -187,7 +194,156 @@ def test_serving_steps_pick_the_logits_paths_tokens():
     np.testing.assert_array_equal(with_lp, slow)
     assert np.all(lp < 0)
     args = (params, dev.empty_cache(model, rows), z, z, *settings, jnp.asarray(False))
-    assert "lm_greedy_tied" in str(jax.make_jaxpr(
+    assert "lm_sample_tied" in str(jax.make_jaxpr(
         lambda *a: dev.step(model, *a, table, rows=rows))(*args))
-    assert "lm_greedy_tied" not in str(jax.make_jaxpr(
+    assert "lm_sample_tied" not in str(jax.make_jaxpr(
         lambda *a: dev.step(model, *a, None, rows=rows))(*args))
+
+
+def test_serving_draws_do_not_depend_on_the_branch():
+    """Sampled serving rows draw the same tokens through the kernel and through the
+    logits (whose sampler adds the same noise), so a row's tokens do not change when
+    another row's top-k sends the step to the logits branch."""
+    from lm.models.config import ModelConfig
+    from lm.models.transformer import Decoder
+    from lm.serve import slots as dev
+
+    cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
+                      max_len=16)
+    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(3), jnp.zeros((1, 2), jnp.int32))[
+        "params"])
+    params = jax.tree.map(lambda p: p * 3, params)
+    model = Decoder(cfg, decode=True, cache_len=16)
+    table = dev.pick_table(model, params)
+    rows = 4
+    temp = jnp.asarray([0.0, 0.8, 1.3, 1.0], jnp.float32)
+    seeds = jnp.asarray([1, 2, 3, 4], jnp.uint32)
+
+    def run(head, top_k_last):
+        cache = dev.empty_cache(model, rows)
+        ids = jnp.asarray([5, 17, 123, 299], jnp.int32)
+        top_k = jnp.asarray([0, 0, 0, top_k_last], jnp.int32)
+        out = []
+        for t in range(8):
+            cache, ids, *_ = dev.step(
+                model, params, cache, ids, jnp.full((rows,), t, jnp.int32),
+                jnp.ones((rows,), bool), jnp.int32(t), seeds, jnp.full((rows,), t, jnp.int32),
+                temp, top_k, jnp.ones((rows,), jnp.float32), jnp.asarray(False), head,
+                rows=rows)
+            out.append(np.asarray(ids))
+        return np.stack(out)
+
+    fast = run(table, 0)
+    np.testing.assert_array_equal(fast, run(None, 0))  # kernel == logits path
+    mixed = run(table, 5)  # the last row's top-k: every row through the logits
+    np.testing.assert_array_equal(mixed[:, :3], fast[:, :3])
+    assert len(set(fast[:, 1].tolist())) > 4  # sampled, varied
+
+
+# ------------------------------------------------------------------------------ sampling
+@jax.jit
+def _sample(x, table, temperature, keys):
+    return kernel.sample_with_count(x, table, kernel.quantize(table), temperature, keys)
+
+
+def _sample_reference(x, table, temperature, keys):
+    """argmax(noise + logits / t) per row in numpy fp32 (argmax(logits) where t == 0)."""
+    logits = np.asarray(logits_kernel.small_logits(x, table))
+    noise = np.asarray(kernel.gumbel(keys, table.shape[0]))
+    t = np.asarray(temperature, np.float32)[:, None]
+    scores = np.where(t > 0, noise + logits / np.where(t > 0, t, np.float32(1)), logits)
+    return np.argmax(scores, axis=-1)
+
+
+def test_noise_is_jaxs_gumbel_noise():
+    """Same Threefry bits and uniform map as jax.random.gumbel; the logarithms within an
+    ulp or two (of max(|g|, 1))."""
+    keys = jax.random.split(jax.random.key(7), 3)
+    for vocab in (5, 37, 50257):
+        got = np.asarray(kernel.gumbel(keys, vocab))
+        want = np.asarray(jax.vmap(lambda k, v=vocab: jax.random.gumbel(k, (v,)))(keys))
+        err = np.abs(got - want) / np.maximum(np.abs(want), 1)
+        assert err.max() <= 2 * 2.0**-23, err.max()
+        assert np.mean(got == want) > 0.5
+    assert got.min() < -2 and got.max() > 9  # the tails are there (50257 draws per row)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 32])
+@pytest.mark.parametrize("vocab,width", [(1001, 256), (50257, 64), (37, 16)])
+def test_draws_are_the_argmax_of_its_noise_plus_the_tempered_logits(rows, vocab, width):
+    table = _normal(vocab, (vocab, width), 0.05)
+    x = _normal(rows, (rows, width))
+    temperature = jnp.asarray([(1.0, 0.0, 0.5, 2.0, 1e-3)[i % 5] for i in range(rows)],
+                              jnp.float32)
+    keys = jax.random.split(jax.random.key(rows), rows)
+    tokens, rescored = _sample(x, table, temperature, keys)
+    np.testing.assert_array_equal(tokens, _sample_reference(x, table, temperature, keys))
+    if vocab > 1000:  # the bounds decided
+        assert np.all(rescored >= 1) and np.all(rescored < vocab // 50), rescored
+
+
+def test_draws_are_jax_categorical_draws_and_follow_the_softmax():
+    from scipy import stats
+
+    vocab, width, n = 37, 16, 4096
+    table = _normal(0, (vocab, width), 0.3)
+    x = jnp.tile(_normal(1, (1, width)), (32, 1))
+    t = jnp.full((32,), 0.8, jnp.float32)
+    keys = jax.random.split(jax.random.key(2), n)
+    draws = np.concatenate([np.asarray(_sample(x, table, t, keys[i:i + 32])[0])
+                            for i in range(0, n, 32)])
+    logits = logits_kernel.small_logits(x[:1], table)[0] / 0.8
+    jax_draws = np.asarray(jax.vmap(lambda k: jax.random.categorical(k, logits))(keys))
+    assert np.mean(draws == jax_draws) > 0.998  # differ only where scores tie to an ulp
+    p = np.asarray(jax.nn.softmax(logits), np.float64)
+    counts = np.bincount(draws, minlength=vocab)
+    assert stats.chisquare(counts, p * n / p.sum()).pvalue > 1e-3
+    assert len(set(draws.tolist())) > 20  # a spread-out softmax, not a near-greedy one
+
+
+def test_non_finite_values_sample_as_jax_does():
+    """NaN or inf in x or the table: the whole fp32 row, argmax(noise + logits / t) as
+    jnp.argmax picks it (the first NaN, else the first largest)."""
+    width, vocab = 32, 500
+    table = np.array(_normal(4, (vocab, width), 0.1))
+    x = np.array(_normal(5, (4, width)))
+    x[1, 3] = np.nan
+    x[2, 4] = np.inf
+    table[123, 9] = np.inf
+    x[3, 9] = -1.0
+    table_j, x_j = jnp.asarray(table), jnp.asarray(x)
+    t = jnp.ones((4,), jnp.float32)
+    keys = jax.random.split(jax.random.key(5), 4)
+    tokens, rescored = _sample(x_j, table_j, t, keys)
+    logits = logits_kernel.small_logits(x_j, table_j) / t[:, None]
+    want = jnp.argmax(kernel.gumbel(keys, vocab) + logits, axis=-1)
+    np.testing.assert_array_equal(tokens, want)
+    assert int(rescored[1]) == vocab and int(rescored[2]) == vocab
+
+
+def test_sampled_decoding_matches_the_reference_draws(monkeypatch):
+    """Past max_len and at batch 3, sampling through the kernel gives the tokens of the
+    same draws made from the logits: argmax(noise + logits / t)."""
+    from lm.generate import generate
+    from lm.models.config import ModelConfig
+    from lm.models.layers import tied_logits
+    from lm.models.transformer import Decoder
+
+    cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
+                      max_len=16)
+    prompt = np.random.default_rng(0).integers(0, 300, (3, 5)).astype(np.int32)
+    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(2), jnp.asarray(prompt))["params"])
+    params = jax.tree.map(lambda p: p * 3, params)
+    fast = generate(cfg, params, prompt, max_new_tokens=30, temperature=0.7, seed=4)
+    jax.clear_caches()
+
+    def reference(x, table, quantized, temperature, keys):
+        logits = tied_logits(x, table, jnp.float32) / temperature[:, None]
+        return jnp.argmax(kernel.gumbel(keys, table.shape[0]) + logits, axis=-1).astype(
+            jnp.int32)
+
+    monkeypatch.setattr(kernel, "sample", reference)
+    slow = generate(cfg, params, prompt, max_new_tokens=30, temperature=0.7, seed=4)
+    jax.clear_caches()
+    np.testing.assert_array_equal(fast, slow)
+    assert min(len(set(row[5:].tolist())) for row in fast) > 10  # varied output

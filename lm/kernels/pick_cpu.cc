@@ -1,6 +1,6 @@
 // Greedy decoding's token straight from the hidden state, exactly as argmax(x @ tableᵀ) of
 // the few-row logits kernel (logits_cpu.cc) picks it, reading a quarter of the table
-// (lm/kernels/greedy.py).
+// (lm/kernels/pick.py).
 //
 // At batch 1 a greedy step reads the 51 MB fp32 output table once per token, two thirds
 // of the step on a 2-core CPU. Here a one-off copy of the table in int8 (one scale per row,
@@ -15,6 +15,7 @@
 
 #include <cmath>
 
+#include "gumbel.h"
 #include "logits_cpu.h"
 
 namespace {
@@ -102,6 +103,23 @@ ffi::Error QuantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
     const int64_t v1 = std::min(vocab, (task + 1) * kVocabPerTask);
     for (int64_t v = task * kVocabPerTask; v < v1; ++v)
       QuantizeRow(E + v * d, d, Q + v * d, S + v, R + v);
+  });
+  return ffi::Error::Success();
+}
+
+// The noise the sampling kernel adds: jax.random.gumbel(key_b, (V,)) for each key [B, 2]
+// (out [B, V]); for tests and for checking the noise against jax's.
+ffi::Error GumbelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  const auto dims = out->dimensions();
+  const int64_t rows = static_cast<int64_t>(keys.element_count()) / 2;
+  if (dims.size() != 2 || dims[0] != rows) return ffi::Error::InvalidArgument("need out [B, V]");
+  const int64_t vocab = dims[1], per_row = (vocab + kVocabPerTask - 1) / kVocabPerTask;
+  const uint32_t* K = keys.typed_data();
+  ParallelFor(pool, rows * per_row, [&](int64_t task) {
+    const int64_t b = task / per_row, v0 = task % per_row * kVocabPerTask;
+    GumbelRange(K[2 * b], K[2 * b + 1], v0, std::min(kVocabPerTask, vocab - v0),
+                out->typed_data() + b * vocab + v0);
   });
   return ffi::Error::Success();
 }
@@ -253,10 +271,79 @@ int32_t PickRow(Exact& exact, const float* a, const float* R, float nx, float L,
   return best < 0 ? FullArgmax(exact, vocab, rescored) : static_cast<int32_t>(best);
 }
 
-ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table,
-                      ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
-                      ffi::Buffer<ffi::F32> radius, ffi::ResultBuffer<ffi::S32> out,
-                      ffi::ResultBuffer<ffi::S32> rescored_out) {
+// A sampled row's token: the first largest score fl(fl(l / t) + g) of the exact logits l
+// and the noise g, i.e. jnp.argmax(g + l / t) as jax.random.categorical draws it. fp32
+// division and addition round monotonically, so the scores of the bounds a -/+ ||x|| r
+// bound every score; the rows whose upper score reaches `L`, the largest lower score,
+// hold the winner. A non-finite bound or logit scores the whole fp32 row instead.
+int32_t FullSample(Exact& exact, const float* g, float t, int64_t vocab, int64_t* rescored) {
+  *rescored = vocab;
+  float* row = Scratch(3, vocab);
+  TiledRows(exact.h, exact.E, 1, exact.d, 0, vocab, row, vocab);
+  for (int64_t v = 0; v < vocab; ++v) row[v] = g[v] + row[v] / t;
+  return RowArgmax(row, vocab);
+}
+
+int32_t SampleRow(Exact& exact, const float* a, const float* g, const float* R, float nx,
+                  float t, float L, int64_t vocab, int64_t* rescored) {
+  if (!std::isfinite(L) || !std::isfinite(nx)) return FullSample(exact, g, t, vocab, rescored);
+  const vf vl = Splat(L), vn = Splat(nx), vt = Splat(t);
+  int64_t best = -1;
+  float top = 0.0f;
+  auto consider = [&](int64_t v) -> bool {
+    const float x = exact(v);
+    ++*rescored;
+    if (!std::isfinite(x) || !std::isfinite(a[v])) return false;
+    const float s = g[v] + x / t;
+    if (best < 0 || s > top) {
+      best = v;
+      top = s;
+    }
+    return true;
+  };
+  int64_t v = 0;
+  for (; v + kLanes <= vocab; v += kLanes) {
+    const vf hi = Load(g + v) + Fma(vn, Load(R + v), Load(a + v)) / vt;
+    const vi hit = (vi)!(hi < vl);  // NaN: a candidate
+    bool any = false;
+    for (int l = 0; l < kLanes; ++l) any |= hit[l] != 0;
+    if (!any) continue;
+    for (int l = 0; l < kLanes; ++l) {
+      if (hit[l] && !consider(v + l)) return FullSample(exact, g, t, vocab, rescored);
+    }
+  }
+  for (; v < vocab; ++v) {
+    if (!(g[v] + (a[v] + nx * R[v]) / t < L) && !consider(v)) {
+      return FullSample(exact, g, t, vocab, rescored);
+    }
+  }
+  return best < 0 ? FullSample(exact, g, t, vocab, rescored) : static_cast<int32_t>(best);
+}
+
+// The noise of table rows [v0, v1) for a sampled h row into g, and the largest lower score
+// fl(fl((a - ||x|| r) / t) + g) among them.
+float NoiseAndLower(const uint32_t* key, const float* a, const float* R, float nx, float t,
+                    int64_t v0, int64_t v1, float* g) {
+  GumbelRange(key[0], key[1], v0, v1 - v0, g + v0);
+  vf low = Splat(-std::numeric_limits<float>::infinity());
+  const vf vn = Splat(nx), vt = Splat(t);
+  int64_t v = v0;
+  for (; v + kLanes <= v1; v += kLanes) {
+    const vf lb = Load(g + v) + (Load(a + v) - vn * Load(R + v)) / vt;
+    low = lb > low ? lb : low;
+  }
+  float out = HorizontalMax(low);
+  for (; v < v1; ++v) out = std::max(out, g[v] + (a[v] - nx * R[v]) / t);
+  return out;
+}
+
+// Tokens for the rows of x: greedy where `temperature` is null or a row's temperature is
+// not > 0, else drawn with the row's key (`keys` [rows, 2]).
+ffi::Error Pick(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& table,
+                ffi::Buffer<ffi::S8>& q, ffi::Buffer<ffi::F32>& scale,
+                ffi::Buffer<ffi::F32>& radius, const float* temperature, const uint32_t* keys,
+                int64_t n_rows, ffi::ResultBuffer<ffi::S32>& out,
+                ffi::ResultBuffer<ffi::S32>& rescored_out) {
   const auto tdims = table.dimensions();
   const auto xdims = x.dimensions();
   if (tdims.size() != 2 || xdims.size() < 1 || xdims.back() != tdims[1] ||
@@ -269,6 +356,9 @@ ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("the width must be a multiple of the vector width");
   }
   const int64_t rows = static_cast<int64_t>(x.element_count()) / d;
+  if (temperature != nullptr && n_rows != rows) {
+    return ffi::Error::InvalidArgument("need one temperature and one key per row of x");
+  }
   const float* H = x.typed_data();
   const float* E = table.typed_data();
   const int8_t* Q = q.typed_data();
@@ -276,6 +366,7 @@ ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* R = radius.typed_data();
   int32_t* O = out->typed_data();
   int32_t* C = rescored_out->typed_data();
+  auto sampled = [&](int64_t m) { return temperature != nullptr && temperature[m] > 0.0f; };
 
   // ||x_m||, rounded up (computed in double, then one float rounding)
   float* nx = Scratch(0, rows);
@@ -287,10 +378,20 @@ ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t tasks = (vocab + kVocabPerTask - 1) / kVocabPerTask;
   float* A = Scratch(1, rows * vocab);
   float* lower = Scratch(2, tasks * rows);
+  bool any_sampled = false;
+  for (int64_t m = 0; m < rows; ++m) any_sampled |= sampled(m);
+  float* G = any_sampled ? Scratch(4, rows * vocab) : nullptr;  // the sampled rows' noise
   std::fill(lower, lower + tasks * rows, -std::numeric_limits<float>::infinity());
   ParallelFor(pool, tasks, [&](int64_t task) {
     const int64_t v0 = task * kVocabPerTask, v1 = std::min(vocab, v0 + kVocabPerTask);
-    ApproxRows(H, Q, S, R, nx, rows, d, vocab, v0, v1, A, lower + task * rows);
+    float* low = lower + task * rows;
+    ApproxRows(H, Q, S, R, nx, rows, d, vocab, v0, v1, A, low);
+    for (int64_t m = 0; m < rows; ++m) {
+      if (sampled(m)) {
+        low[m] = NoiseAndLower(keys + 2 * m, A + m * vocab, R, nx[m], temperature[m], v0, v1,
+                               G + m * vocab);
+      }
+    }
   });
   const int64_t tail = vocab / kLanes * kLanes;
   auto pick = [&](int64_t m) {
@@ -298,7 +399,9 @@ ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     for (int64_t t = 0; t < tasks; ++t) L = std::max(L, lower[t * rows + m]);
     Exact exact{H + m * d, E, d, tail};
     int64_t rescored = 0;
-    O[m] = PickRow(exact, A + m * vocab, R, nx[m], L, vocab, &rescored);
+    O[m] = sampled(m) ? SampleRow(exact, A + m * vocab, G + m * vocab, R, nx[m], temperature[m],
+                                  L, vocab, &rescored)
+                      : PickRow(exact, A + m * vocab, R, nx[m], L, vocab, &rescored);
     C[m] = static_cast<int32_t>(rescored);
   };
   if (rows > 1) {
@@ -309,6 +412,26 @@ ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+ffi::Error GreedyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table,
+                      ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> radius, ffi::ResultBuffer<ffi::S32> out,
+                      ffi::ResultBuffer<ffi::S32> rescored_out) {
+  return Pick(pool, x, table, q, scale, radius, nullptr, nullptr, 0, out, rescored_out);
+}
+
+ffi::Error SampleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> table,
+                      ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> radius, ffi::Buffer<ffi::F32> temperature,
+                      ffi::Buffer<ffi::U32> keys, ffi::ResultBuffer<ffi::S32> out,
+                      ffi::ResultBuffer<ffi::S32> rescored_out) {
+  const int64_t n = static_cast<int64_t>(temperature.element_count());
+  if (keys.element_count() != 2 * temperature.element_count()) {
+    return ffi::Error::InvalidArgument("need one key [2] per temperature");
+  }
+  return Pick(pool, x, table, q, scale, radius, temperature.typed_data(), keys.typed_data(),
+              n, out, rescored_out);
+}
+
 #else
 // Python calls it only on CPUs with AVX-512 or AVX2 (build.has_simd); the library still
 // builds elsewhere, for the other kernels.
@@ -316,6 +439,12 @@ ffi::Error GreedyImpl(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F
                       ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
                       ffi::ResultBuffer<ffi::S32>, ffi::ResultBuffer<ffi::S32>) {
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "the greedy kernel needs AVX-512 or AVX2");
+}
+ffi::Error SampleImpl(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                      ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                      ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U32>, ffi::ResultBuffer<ffi::S32>,
+                      ffi::ResultBuffer<ffi::S32>) {
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "the sampling kernel needs AVX-512 or AVX2");
 }
 #endif
 
@@ -339,3 +468,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmGreedyTied, GreedyImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmSampleTied, SampleImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmGumbelRows, GumbelImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

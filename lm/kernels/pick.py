@@ -1,5 +1,5 @@
 """Greedy decoding's token from the hidden state, reading an int8 copy of the output table
-(`greedy_cpu.cc`): the same token as argmax(`logits.small_logits(x, table)`), bit for bit.
+(`pick_cpu.cc`): the same token as argmax(`logits.small_logits(x, table)`), bit for bit.
 
 Greedy decoding at batch 1 reads the whole fp32 output table per token (51 MB for GPT-2's
 vocabulary at width 256), two thirds of the step. `quantize` makes, once per decode, an
@@ -73,3 +73,42 @@ def greedy(x: jnp.ndarray, table: jnp.ndarray, quantized: Quantized) -> jnp.ndar
     """int32 argmax of x @ tableᵀ along the vocabulary (first index on ties; NaN as
     jnp.argmax), equal to argmax(`logits.small_logits(x, table)`)."""
     return greedy_with_count(x, table, quantized)[0]
+
+
+def sample_with_count(x: jnp.ndarray, table: jnp.ndarray, quantized: Quantized,
+                      temperature: jnp.ndarray, keys: jax.Array
+                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(a token per row of x [B, D], int32 [B]; the exact logits computed per row).
+
+    Row b with temperature t_b > 0 draws `jax.random.categorical(keys[b], logits_b / t_b)`,
+    i.e. the first argmax of gumbel(keys[b], (V,)) + logits_b / t_b with jax's noise (its
+    Threefry bits and uniform map; the two logarithms within a few fp32 ulps of XLA's, so a
+    draw can differ from jax's only where two scores tie to that precision); a row with
+    t_b == 0 is greedy, as `greedy`. `keys` are typed keys [B] (threefry2x32)."""
+    build.require()
+    b = x.shape[0]
+    if x.ndim != 2 or temperature.shape != (b,) or keys.shape != (b,):
+        raise ValueError(f"need x [B, D], temperature [B] and keys [B]; got {x.shape}, "
+                         f"{temperature.shape}, {keys.shape}")
+    data = jax.random.key_data(keys)
+    if data.shape != (b, 2):
+        raise ValueError(f"keys: threefry2x32 keys are needed (key data [B, 2]), got {data.shape}")
+    out = (jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+    return jax.ffi.ffi_call("lm_sample_tied", out, vmap_method="sequential")(
+        x, table, quantized.q, quantized.scale, quantized.radius,
+        temperature.astype(jnp.float32), data.astype(jnp.uint32))
+
+
+def sample(x: jnp.ndarray, table: jnp.ndarray, quantized: Quantized, temperature: jnp.ndarray,
+           keys: jax.Array) -> jnp.ndarray:
+    """int32 token per row: a draw from softmax(x @ tableᵀ / t) (see `sample_with_count`)."""
+    return sample_with_count(x, table, quantized, temperature, keys)[0]
+
+
+def gumbel(keys: jax.Array, vocab: int) -> jnp.ndarray:
+    """The noise `sample` adds: jax.random.gumbel(keys[b], (vocab,)) per key, [B, vocab] fp32
+    (from the kernel's own Threefry and logarithm)."""
+    build.require()
+    data = jax.random.key_data(keys).astype(jnp.uint32)
+    out = jax.ShapeDtypeStruct((data.shape[0], vocab), jnp.float32)
+    return jax.ffi.ffi_call("lm_gumbel_rows", out)(data)
