@@ -29,7 +29,9 @@
 - greedy decoding's token from 1 or 8 hidden rows: the logits kernel then the argmax
   kernel (`pick_logits_argmax_*`), and lm's int8-table kernel with exact rescoring
   (`pick_greedy_kernel_*`, lm.kernels.pick, where the kernels are built and the width
-  is a multiple of 16), and the int8 copy itself (`quantize_table`);
+  is a multiple of 16), and the int8 copy itself (`quantize_table`); sampling's
+  (temperature 1): the logits kernel then the inverse-CDF draw (`pick_logits_sample_*`),
+  and the int8-table kernel with jax's Gumbel noise (`pick_sample_kernel_*`);
 - greedy decoding's token choice over 8 logits rows: `lax.top_k(x, 1)`, jnp.argmax and
   lm's CPU argmax kernel (`argmax_*`); sampling's over the same rows (temperature 1, no
   filter): lm.generate's XLA steps and lm's CPU kernel (`sample_*`);
@@ -134,6 +136,17 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
 
     def pick_greedy(x, e, q):
         return pick_kernel.greedy(x, e, q)
+
+    draw_key = jax.random.key(11)
+
+    def pick_logits_sample(x, e):  # temperature 1, no filter: the inverse-CDF draw
+        logits = logits_kernel.small_logits(x, e) if logits_kernel.usable(x, e) else x @ e.T
+        return generate.sample_token(draw_key, logits, temperature=1.0, top_k=0, top_p=1.0)
+
+    def pick_sample(x, e, q):  # jax.random.categorical(key_b, logits_b) through the int8 copy
+        rows = x.shape[0]
+        return pick_kernel.sample(x, e, q, jnp.ones((rows,), jnp.float32),
+                                  jax.random.split(draw_key, rows))
 
     def ce_chunk(dtype, kernel: bool):
         def fn(x, t, w):  # x + 0: a fresh buffer the fp32 kernel may overwrite in place
@@ -271,6 +284,12 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         **({f"pick_greedy_kernel_{rows}": (pick_greedy, (h8[:rows], table * 0.02, quantized))
             for rows in (1, 8)} if quantized else {}),
         **({"quantize_table": (pick_kernel.quantize, (table * 0.02,))} if quantized else {}),
+        # sampling's token from the hidden state (temperature 1): logits then the inverse-
+        # CDF draw, and the int8 table with jax's Gumbel noise (lm.kernels.pick)
+        **{f"pick_logits_sample_{rows}": (pick_logits_sample, (h8[:rows], table * 0.02))
+           for rows in (1, 8)},
+        **({f"pick_sample_kernel_{rows}": (pick_sample, (h8[:rows], table * 0.02, quantized))
+            for rows in (1, 8)} if quantized else {}),
         # greedy decoding's token choice over [8, vocab] logits
         "argmax_top_k1": (lambda x: jax.lax.top_k(x, 1)[1][:, 0], (logits8,)),
         "argmax_jnp": (lambda x: jnp.argmax(x, -1), (logits8,)),

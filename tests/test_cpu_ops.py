@@ -71,6 +71,15 @@ def test_ops_compute_their_reference_values():
         want[f"pick_logits_argmax_{rows}"] = (x_ @ table_.T).argmax(-1)
         if f"pick_greedy_kernel_{rows}" in ops:  # where the CPU kernels are built
             want[f"pick_greedy_kernel_{rows}"] = want[f"pick_logits_argmax_{rows}"]
+        # sampled (temperature 1): at quantile u of the softmax, and argmax(gumbel + logits)
+        z_ = x_ @ table_.T
+        cdf = np.exp(z_ - z_.max(-1, keepdims=True)).cumsum(-1)
+        u_ = np.asarray(jax.random.uniform(jax.random.key(11), (rows,)), np.float64)
+        want[f"pick_logits_sample_{rows}"] = (cdf <= (u_ * cdf[:, -1])[:, None]).sum(-1)
+        if f"pick_sample_kernel_{rows}" in ops:
+            keys = jax.random.split(jax.random.key(11), rows)
+            noise = jax.vmap(lambda k: jax.random.gumbel(k, (z_.shape[1],)))(keys)
+            want[f"pick_sample_kernel_{rows}"] = (np.asarray(noise, np.float64) + z_).argmax(-1)
     if "quantize_table" in ops:  # int8 rows, their scales and error radii
         (w_,) = (np.asarray(a, np.float64) for a in ops["quantize_table"][1])
         s_ = np.abs(w_).max(-1) / 127

@@ -11,24 +11,35 @@ namespace {
 
 inline vu32 Rotl(vu32 x, int r) { return (x << r) | (x >> (32 - r)); }
 
-// jax.random.bits(key, (n,))[c] for the lanes' counters c < 2^32: Threefry-2x32 (20
-// rounds) of the 64-bit counter (0, c) under key (k0, k1), its two words xor'ed.
-inline vu32 ThreefryBits(uint32_t k0, uint32_t k1, vu32 c) {
+// jax.random.bits(key, (n,))[c] for the lanes' counters c < 2^32 of N registers:
+// Threefry-2x32 (20 rounds) of the 64-bit counter (0, c) under key (k0, k1), its two words
+// xor'ed. N registers at once: each round is a chain of dependent add, rotate and xor.
+template <int N>
+inline void ThreefryBits(uint32_t k0, uint32_t k1, const vu32* c, vu32* bits) {
   static constexpr int kRot[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
   const uint32_t ks[3] = {k0, k1, k0 ^ k1 ^ 0x1BD11BDAu};
-  vu32 x0 = vu32{} + k0, x1 = c + k1;
+  vu32 x0[N], x1[N];
+  for (int n = 0; n < N; ++n) {
+    x0[n] = vu32{} + k0;
+    x1[n] = c[n] + k1;
+  }
 #pragma GCC unroll 5
   for (int i = 0; i < 5; ++i) {
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      x0 += x1;
-      x1 = Rotl(x1, kRot[i % 2][j]);
-      x1 ^= x0;
+#pragma GCC unroll 4
+      for (int n = 0; n < N; ++n) {
+        x0[n] += x1[n];
+        x1[n] = Rotl(x1[n], kRot[i % 2][j]);
+        x1[n] ^= x0[n];
+      }
     }
-    x0 += ks[(i + 1) % 3];
-    x1 += ks[(i + 2) % 3] + static_cast<uint32_t>(i + 1);
+    for (int n = 0; n < N; ++n) {
+      x0[n] += ks[(i + 1) % 3];
+      x1[n] += ks[(i + 2) % 3] + static_cast<uint32_t>(i + 1);
+    }
   }
-  return x0 ^ x1;
+  for (int n = 0; n < N; ++n) bits[n] = x0[n] ^ x1[n];
 }
 
 // Natural log of positive, normal, finite lanes (Cephes' logf: x = m 2^e, m in
@@ -56,28 +67,33 @@ inline vf LogPositive(vf x) {
   return (m + y) + 0.693359375f * ef;
 }
 
-// jax.random.gumbel(key, (n,), float32)[c] for the lanes' counters c: u = the top 23 bits
-// as a float in [0, 1), times (1 - tiny) (1 in fp32) plus tiny, at least tiny (jax's
-// uniform on [tiny, 1)); then -log(-log(u)).
-inline vf GumbelNoise(uint32_t k0, uint32_t k1, vu32 c) {
+// jax.random.gumbel(key, (n,), float32)[c0 + j] for j in [0, N kLanes) into noise: u = the
+// top 23 bits as a float in [0, 1), times (1 - tiny) (1 in fp32) plus tiny, at least tiny
+// (jax's uniform on [tiny, 1)); then -log(-log(u)).
+template <int N>
+inline void GumbelBlock(uint32_t k0, uint32_t k1, int64_t c0, float* noise) {
   constexpr float kTiny = std::numeric_limits<float>::min();
-  const vu32 bits = ThreefryBits(k0, k1, c);
-  const vf f = (vf)((bits >> 9) | 0x3F800000u) - 1.0f;
-  vf u = f * (1.0f - kTiny) + kTiny;
-  u = u < kTiny ? Splat(kTiny) : u;
-  return -LogPositive(-LogPositive(u));
+  vu32 c[N], bits[N];
+  for (int n = 0; n < N; ++n) {
+    for (int l = 0; l < kLanes; ++l) c[n][l] = static_cast<uint32_t>(c0 + n * kLanes + l);
+  }
+  ThreefryBits<N>(k0, k1, c, bits);
+  for (int n = 0; n < N; ++n) {
+    const vf f = (vf)((bits[n] >> 9) | 0x3F800000u) - 1.0f;
+    vf u = f * (1.0f - kTiny) + kTiny;
+    u = u < kTiny ? Splat(kTiny) : u;
+    Store(noise + n * kLanes, -LogPositive(-LogPositive(u)));
+  }
 }
 
 // noise[j] = jax.random.gumbel(key, (n,))[c0 + j] for j in [0, count).
 inline void GumbelRange(uint32_t k0, uint32_t k1, int64_t c0, int64_t count, float* noise) {
-  vu32 lane;
-  for (int l = 0; l < kLanes; ++l) lane[l] = static_cast<uint32_t>(l);
   int64_t j = 0;
-  for (; j + kLanes <= count; j += kLanes)
-    Store(noise + j, GumbelNoise(k0, k1, lane + static_cast<uint32_t>(c0 + j)));
+  for (; j + 4 * kLanes <= count; j += 4 * kLanes) GumbelBlock<4>(k0, k1, c0 + j, noise + j);
+  for (; j + kLanes <= count; j += kLanes) GumbelBlock<1>(k0, k1, c0 + j, noise + j);
   if (j < count) {
     float tail[kLanes];
-    Store(tail, GumbelNoise(k0, k1, lane + static_cast<uint32_t>(c0 + j)));
+    GumbelBlock<1>(k0, k1, c0 + j, tail);
     std::memcpy(noise + j, tail, (count - j) * sizeof(float));
   }
 }
