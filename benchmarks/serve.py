@@ -4,7 +4,8 @@ A B A B with each side in a fresh process.
 
 Shape (as benchmarks/decode.py): a random-init GPT of 4 layers, width 256, 4 heads, vocab
 50257, learned positions; 16-token prompts (token ids), 64 new tokens each, greedy, no
-early stop. Our side: the server in its own process (32 slots of 80 tokens), the clients
+early stop (`--temperature T`: sampled at temperature T from the whole softmax, top-k
+off on both sides). Our side: the server in its own process (32 slots of 80 tokens), the clients
 in another (asyncio + httpx, each client sends its requests one after another, so
 `concurrency` requests are in flight); latency is per request, HTTP and JSON included.
 HF side: `generate` on a batch of `concurrency` prompts; every sequence's latency is its
@@ -13,6 +14,7 @@ the CPU's model and flags first, one line per ratio last.
 
     python benchmarks/serve.py --rounds 2
     python benchmarks/serve.py --concurrency 8 --rounds 1
+    python benchmarks/serve.py --rounds 2 --temperature 1
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def serve(port: int) -> None:
                 log_level="warning")
 
 
-async def _load(url: str, c: int, per_client: int) -> tuple[list[float], int, float]:
+async def _load(url: str, c: int, per_client: int, temperature: float
+                ) -> tuple[list[float], int, float]:
     import httpx
 
     ids = prompts(c).tolist()
@@ -103,10 +106,11 @@ async def _load(url: str, c: int, per_client: int) -> tuple[list[float], int, fl
 
     async def one_client(client, i: int):
         nonlocal tokens
-        for _ in range(per_client):
+        for j in range(per_client):
             t0 = time.perf_counter()
             r = await client.post(f"{url}/v1/completions", json={
-                "prompt": ids[i], "max_tokens": SHAPE["new"], "temperature": 0})
+                "prompt": ids[i], "max_tokens": SHAPE["new"], "temperature": temperature,
+                "seed": i * 1000 + j})
             latencies.append(time.perf_counter() - t0)
             r.raise_for_status()
             got = r.json()["usage"]["completion_tokens"]
@@ -120,7 +124,7 @@ async def _load(url: str, c: int, per_client: int) -> tuple[list[float], int, fl
         return latencies, tokens, time.perf_counter() - t0
 
 
-def ours(concurrency: list[int]) -> list[dict]:
+def ours(concurrency: list[int], temperature: float) -> list[dict]:
     import httpx
 
     with socket.socket() as s:
@@ -143,10 +147,12 @@ def ours(concurrency: list[int]) -> list[dict]:
                 raise RuntimeError("server did not start")
         out = []
         for c in concurrency:
-            asyncio.run(_load(url, c, 1))  # compiles this batch's prefill shapes
-            latencies, tokens, wall = asyncio.run(_load(url, c, requests_per_client(c)))
+            asyncio.run(_load(url, c, 1, temperature))  # compiles this batch's prefill shapes
+            latencies, tokens, wall = asyncio.run(_load(url, c, requests_per_client(c),
+                                                        temperature))
             out.append({"what": "serve", "impl": "lm", "concurrency": c, "config": SHAPE,
-                        "slots": SLOTS} | stats(latencies, tokens, wall))
+                        "temperature": temperature, "slots": SLOTS}
+                       | stats(latencies, tokens, wall))
         return out
     finally:
         proc.terminate()
@@ -154,7 +160,7 @@ def ours(concurrency: list[int]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ Hugging Face side
-def hf(concurrency: list[int], threads: int | None = None) -> list[dict]:
+def hf(concurrency: list[int], temperature: float, threads: int | None = None) -> list[dict]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -163,6 +169,8 @@ def hf(concurrency: list[int], threads: int | None = None) -> list[dict]:
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=SHAPE["vocab"], n_embd=SHAPE["width"], n_layer=SHAPE["layers"],
         n_head=SHAPE["heads"], n_positions=SHAPE["max_len"])).eval()
+    sampling = (dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0
+                else dict(do_sample=False))
     out = []
     for c in concurrency:
         ids = torch.tensor(prompts(c), dtype=torch.long)
@@ -171,7 +179,7 @@ def hf(concurrency: list[int], threads: int | None = None) -> list[dict]:
             with torch.no_grad():
                 o = model.generate(ids, attention_mask=torch.ones_like(ids),
                                    max_new_tokens=SHAPE["new"], min_new_tokens=SHAPE["new"],
-                                   do_sample=False, pad_token_id=0, eos_token_id=None)
+                                   pad_token_id=0, eos_token_id=None, **sampling)
             assert tuple(o.shape) == (c, SHAPE["prompt"] + SHAPE["new"])
 
         call()  # warm-up
@@ -183,7 +191,7 @@ def hf(concurrency: list[int], threads: int | None = None) -> list[dict]:
             latencies += [time.perf_counter() - t1] * c
         wall = time.perf_counter() - t0
         out.append({"what": "serve", "impl": "hf", "concurrency": c, "config": SHAPE,
-                    "torch_threads": torch.get_num_threads()}
+                    "temperature": temperature, "torch_threads": torch.get_num_threads()}
                    | stats(latencies, len(latencies) * SHAPE["new"], wall))
     return out
 
@@ -197,12 +205,17 @@ def main() -> None:
     p.add_argument("--hf_threads", type=int, default=None,
                    help="PyTorch threads (default: all cores; 1 avoids oversubscription "
                    "on a loaded machine)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy (default); > 0: sampled at this temperature")
     args = p.parse_args()
+    if args.temperature < 0:
+        p.error(f"--temperature={args.temperature}: must be >= 0")
     if args.serve:
         return serve(args.serve)
     conc = args.concurrency or [1, 8, 32]
     if args.only:
-        records = ours(conc) if args.only == "lm" else hf(conc, args.hf_threads)
+        records = (ours(conc, args.temperature) if args.only == "lm"
+                   else hf(conc, args.temperature, args.hf_threads))
         for record in records:
             print(json.dumps(record), flush=True)
         return
@@ -214,6 +227,7 @@ def main() -> None:
                                                                  for c in conc]
             if args.hf_threads:
                 cmd.append(f"--hf_threads={args.hf_threads}")
+            cmd.append(f"--temperature={args.temperature}")
             for record in side_records(cmd, impl, r):
                 results.setdefault((impl, record["concurrency"]), []).append(record)
                 print(json.dumps(record), flush=True)
@@ -222,7 +236,7 @@ def main() -> None:
                       for k in ("tokens_per_sec", "latency_p50_s", "latency_p99_s")}
                for impl in ("lm", "hf")}
         print(json.dumps({
-            "what": "ratio_serve", "concurrency": c,
+            "what": "ratio_serve", "concurrency": c, "temperature": args.temperature,
             "lm_over_hf_tokens_per_sec": round(med["lm"]["tokens_per_sec"]
                                                / med["hf"]["tokens_per_sec"], 2),
             "lm_over_hf_latency_p50": round(med["lm"]["latency_p50_s"]
