@@ -4,10 +4,10 @@ A B A B with each side in a fresh process.
 
 Shape: 4 layers, width 256, 4 heads, vocab 50257, learned positions (max_len 512), a
 16-token prompt and 256 new tokens (no early stop), batch 1 and 8, greedy and sampling
-(temperature 1; our greedy path picks tokens through the int8 copy of the table,
-lm.kernels.pick, the same tokens as the logits). One JSON line per measurement
-(tokens/s of new tokens, seconds per call, peak RSS), the CPU's model and bf16/AMX flags
-first, one line per ratio last.
+(temperature 1, no top-k; both our paths pick tokens through the int8 copy of the
+table, lm.kernels.pick: greedy the logits' argmax, sampling jax.random.categorical's
+draw). One JSON line per measurement (tokens/s of new tokens, seconds per call, peak
+RSS), the CPU's model and bf16/AMX flags first, one line per ratio last.
 
     python benchmarks/decode.py --rounds 2
     python benchmarks/decode.py --batch 1 --mode greedy --rounds 3

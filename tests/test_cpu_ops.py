@@ -78,7 +78,7 @@ def test_ops_compute_their_reference_values():
         want[f"pick_logits_sample_{rows}"] = (cdf <= (u_ * cdf[:, -1])[:, None]).sum(-1)
         if f"pick_sample_kernel_{rows}" in ops:
             keys = jax.random.split(jax.random.key(11), rows)
-            noise = jax.vmap(lambda k: jax.random.gumbel(k, (z_.shape[1],)))(keys)
+            noise = jax.vmap(lambda k, n=z_.shape[1]: jax.random.gumbel(k, (n,)))(keys)
             want[f"pick_sample_kernel_{rows}"] = (np.asarray(noise, np.float64) + z_).argmax(-1)
     if "quantize_table" in ops:  # int8 rows, their scales and error radii
         (w_,) = (np.asarray(a, np.float64) for a in ops["quantize_table"][1])

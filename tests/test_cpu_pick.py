@@ -282,6 +282,26 @@ def test_draws_are_the_argmax_of_its_noise_plus_the_tempered_logits(rows, vocab,
         assert np.all(rescored >= 1) and np.all(rescored < vocab // 50), rescored
 
 
+def test_near_ties_at_low_temperatures_draw_the_exact_scores_winner():
+    """Forty near copies of the winning row, their exact logits closer together than the
+    int8 error: at low temperatures those differences, not the noise, decide, and the
+    draw is still argmax(noise + exact logits / t)."""
+    width, vocab, rows = 64, 4099, 16
+    base = np.array(_normal(0, (vocab, width), 0.02))
+    best = np.array(_normal(1, (width,)))
+    for j in range(100, 140):
+        base[j] = best * 0.05 + np.random.default_rng(j).normal(size=width) * 3e-4
+    table = jnp.asarray(base, jnp.float32)
+    x = jnp.asarray(np.tile(best, (rows, 1)), jnp.float32)
+    temperature = jnp.asarray([1e-5, 1e-4, 1e-3, 1e-2] * (rows // 4), jnp.float32)
+    keys = jax.random.split(jax.random.key(9), rows)
+    tokens, rescored = _sample(x, table, temperature, keys)
+    np.testing.assert_array_equal(tokens, _sample_reference(x, table, temperature, keys))
+    assert np.all((np.asarray(tokens) >= 100) & (np.asarray(tokens) < 140))
+    assert np.all(np.asarray(rescored) >= 10)  # the near copies were computed exactly
+    assert len(set(np.asarray(tokens).tolist())) >= 3  # the noise still matters at 1e-2
+
+
 def test_draws_are_jax_categorical_draws_and_follow_the_softmax():
     from scipy import stats
 
