@@ -21,6 +21,7 @@ from lm.kernels import argmax as argmax_kernel
 from lm.kernels import pick as pick_kernel
 from lm.models.cache import gather_rows
 from lm.models.config import ModelConfig
+from lm.models.layers import tied_logits
 from lm.models.transformer import Decoder
 
 
@@ -41,6 +42,12 @@ def filter_logits(logits_BV: jnp.ndarray, *, top_k: int = 0, top_p: float = 1.0)
     return logits_BV
 
 
+def inverse_temperature(temperature: float) -> np.float32:
+    """1 / temperature in fp32: sampling scales logits by it (XLA:CPU turns a division by a
+    constant into this product anyway; written out, the top-k kernel matches it)."""
+    return np.float32(1) / np.float32(temperature)
+
+
 def sample_token(rng: jax.Array, logits_BV: jnp.ndarray, *, temperature: float, top_k: int,
                  top_p: float) -> jnp.ndarray:
     """Greedy when temperature == 0, else a draw from the filtered, tempered softmax.
@@ -49,16 +56,22 @@ def sample_token(rng: jax.Array, logits_BV: jnp.ndarray, *, temperature: float, 
     nucleus filter and the draw touch k values instead of the vocabulary."""
     if temperature == 0:
         return greedy_token(logits_BV)
-    logits_BV = logits_BV / temperature
+    logits_BV = logits_BV * inverse_temperature(temperature)
     if top_k and top_k < logits_BV.shape[-1]:
-        top_BK, index_BK = jax.lax.top_k(logits_BV, top_k)
-        if top_p < 1.0:  # already sorted: the nucleus is a prefix
-            cum_BK = jnp.cumsum(jax.nn.softmax(top_BK, axis=-1), axis=-1)
-            last_B1 = jnp.sum(cum_BK < top_p, axis=-1, keepdims=True)
-            top_BK = jnp.where(jnp.arange(top_k) > last_B1, -jnp.inf, top_BK)
-        pick_B = categorical(rng, top_BK)
-        return jnp.take_along_axis(index_BK, pick_B[:, None], -1)[:, 0].astype(jnp.int32)
+        return draw_from_top_k(rng, *jax.lax.top_k(logits_BV, top_k), top_p=top_p)
     return categorical(rng, filter_logits(logits_BV, top_p=top_p))
+
+
+def draw_from_top_k(rng: jax.Array, top_BK: jnp.ndarray, index_BK: jnp.ndarray, *,
+                    top_p: float) -> jnp.ndarray:
+    """A draw among the k largest tempered logits (sorted, as `lax.top_k` gives them and
+    their vocabulary indices), restricted to the nucleus `top_p` when < 1."""
+    if top_p < 1.0:  # already sorted: the nucleus is a prefix
+        cum_BK = jnp.cumsum(jax.nn.softmax(top_BK, axis=-1), axis=-1)
+        last_B1 = jnp.sum(cum_BK < top_p, axis=-1, keepdims=True)
+        top_BK = jnp.where(jnp.arange(top_BK.shape[-1]) > last_B1, -jnp.inf, top_BK)
+    pick_B = categorical(rng, top_BK)
+    return jnp.take_along_axis(index_BK, pick_B[:, None], -1)[:, 0].astype(jnp.int32)
 
 
 def greedy_token(logits_BV: jnp.ndarray) -> jnp.ndarray:
@@ -139,9 +152,10 @@ def pick_head(cfg: ModelConfig, params, batch: int):
 
 
 def picks_from_hidden(temperature: float, top_k: int, top_p: float, vocab: int) -> bool:
-    """Whether a sampling setting needs only what `lm.kernels.pick` gives (greedy, or a
-    tempered draw from the whole softmax): top-k and nucleus filters need every logit."""
-    return temperature == 0 or ((top_k == 0 or top_k >= vocab) and top_p >= 1.0)
+    """Whether a sampling setting needs only what `lm.kernels.pick` gives: greedy, a
+    tempered draw from the whole softmax, or one among the top k (nucleus included); a
+    nucleus over the whole vocabulary needs every logit."""
+    return temperature == 0 or 0 < top_k < vocab or top_p >= 1.0
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -162,12 +176,24 @@ def _decode(model: Decoder, params, prompt_BP, ctx_BC, rng, *, max_new_tokens: i
     hidden_scale = None if fast is None else fast[2]
 
     def pick(rng, out):
-        if fast is not None and temperature == 0:
-            return pick_kernel.greedy(out, fast[0], fast[1])
-        if fast is not None:  # jax.random.categorical(key_b, logits_b / temperature) per row
-            return pick_kernel.sample(out, fast[0], fast[1], jnp.full((b,), temperature,
-                                      jnp.float32), jax.random.split(rng, b))
-        return sample_token(rng, out, temperature=temperature, top_k=top_k, top_p=top_p)
+        if fast is None:
+            return sample_token(rng, out, temperature=temperature, top_k=top_k, top_p=top_p)
+        table, quantized = fast[0], fast[1]
+        if temperature == 0:
+            return pick_kernel.greedy(out, table, quantized)
+        if 0 < top_k < model.cfg.vocab_size:  # lax.top_k of the tempered logits, bit for bit
+            scale = jnp.full((b,), inverse_temperature(temperature))
+            top = pick_kernel.top_k(out, table, quantized, scale, top_k)
+
+            def from_logits(h):  # a row with non-finite values: the logits for the batch
+                return tuple(jax.lax.top_k(tied_logits(h, table, jnp.float32) * scale[:, None],
+                                           top_k))
+
+            top_BK, index_BK = jax.lax.cond(jnp.all(top[2]), lambda h: top[:2], from_logits, out)
+            return draw_from_top_k(rng, top_BK, index_BK, top_p=top_p)
+        # jax.random.categorical(key_b, logits_b / temperature) per row
+        return pick_kernel.sample(out, table, quantized, jnp.full((b,), temperature, jnp.float32),
+                                  jax.random.split(rng, b))
 
     def forward(cache, ids_BL, pos_BL):
         return _forward(model, params, cache, ids_BL, pos_BL, hidden_scale)

@@ -123,11 +123,15 @@ def test_greedy_decoding_goes_through_it():
 
     assert "lm_greedy_tied" in hlo(0.0) and "lm_small_logits" not in hlo(0.0)
     assert "lm_sample_tied" in hlo(1.0) and "lm_small_logits" not in hlo(1.0)
-    for top_k, top_p in [(5, 1.0), (0, 0.9)]:  # filters need every logit
-        jaxpr = str(jax.make_jaxpr(lambda p, top_k=top_k, top_p=top_p: _decode(
+
+    def jaxpr(top_k, top_p):
+        return str(jax.make_jaxpr(lambda p: _decode(
             model, p, ids, ids, jax.random.key(0), max_new_tokens=4, temperature=1.0,
             top_k=top_k, top_p=top_p, eos_id=None, windowed=False))(params))
-        assert "lm_sample_tied" not in jaxpr and "lm_small_logits" in jaxpr
+
+    assert "lm_top_k_tied" in jaxpr(5, 0.9)  # the top k from the int8 copy, then the draw
+    assert "lm_top_k_tied" not in jaxpr(0, 0.9)  # a nucleus over every logit
+    assert "lm_sample_tied" not in jaxpr(0, 0.9) and "lm_small_logits" in jaxpr(0, 0.9)
     assert not kernel.usable(2, jnp.zeros((40, 24), jnp.float32))  # width not a multiple of 16
     assert not kernel.usable(kernel.MAX_ROWS + 1, jnp.zeros((40, 32), jnp.float32))
 
@@ -367,3 +371,63 @@ def test_sampled_decoding_matches_the_reference_draws(monkeypatch):
     jax.clear_caches()
     np.testing.assert_array_equal(fast, slow)
     assert min(len(set(row[5:].tolist())) for row in fast) > 10  # varied output
+
+
+# --------------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("rows", [1, 3, 32])
+@pytest.mark.parametrize("vocab,width,k", [(1001, 256, 40), (50257, 64, 7), (37, 16, 37),
+                                           (4099, 64, 1)])
+def test_top_k_is_lax_top_k_of_the_scaled_logits(rows, vocab, width, k):
+    base = np.array(_normal(vocab, (vocab, width), 0.05))
+    base[vocab // 2] = base[3]  # an exact tie: the lower index first
+    table = jnp.asarray(base)
+    x = _normal(rows, (rows, width))
+    factor = jnp.asarray([(1.0, 1 / 0.7, 2.0, 1 / 1.3)[i % 4] for i in range(rows)], jnp.float32)
+    values, indices, ok = jax.jit(lambda x, t, f: kernel.top_k(x, t, kernel.quantize(t), f, k))(
+        x, table, factor)
+    want_v, want_i = jax.lax.top_k(logits_kernel.small_logits(x, table) * factor[:, None], k)
+    assert np.all(ok)
+    np.testing.assert_array_equal(values, want_v)
+    np.testing.assert_array_equal(indices, want_i)
+
+
+def test_top_k_of_non_finite_rows_is_not_ok():
+    width, vocab = 32, 500
+    x = np.array(_normal(5, (3, width)))
+    x[1, 3] = np.nan
+    x[2, 4] = np.inf
+    table = _normal(4, (vocab, width), 0.1)
+    _, indices, ok = kernel.top_k(jnp.asarray(x), table, kernel.quantize(table),
+                                  jnp.ones((3,), jnp.float32), 5)
+    np.testing.assert_array_equal(ok, [True, False, False])
+    np.testing.assert_array_equal(
+        indices[0], jax.lax.top_k(logits_kernel.small_logits(jnp.asarray(x[:1]), table), 5)[1][0])
+
+
+@pytest.mark.parametrize("top_k,top_p,fallback", [(5, 1.0, False), (40, 0.9, False),
+                                                  (5, 0.9, True)])
+def test_top_k_decoding_matches_the_logits_path(monkeypatch, top_k, top_p, fallback):
+    """Top-k (and nucleus) sampling through the kernel gives the logits path's tokens
+    (windowed, batch 3); so does the kernel's fallback for rows that are not ok."""
+    from lm.generate import generate
+    from lm.models.config import ModelConfig
+    from lm.models.transformer import Decoder
+
+    cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
+                      max_len=16)
+    prompt = np.random.default_rng(0).integers(0, 300, (3, 5)).astype(np.int32)
+    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(2), jnp.asarray(prompt))["params"])
+    params = jax.tree.map(lambda p: p * 3, params)
+    if fallback:
+        top_k_kernel = kernel.top_k
+        monkeypatch.setattr(kernel, "top_k", lambda *a: (*top_k_kernel(*a)[:2],
+                                                         jnp.zeros((3,), bool)))
+    fast = generate(cfg, params, prompt, max_new_tokens=30, temperature=0.7, top_k=top_k,
+                    top_p=top_p, seed=5)
+    jax.clear_caches()
+    monkeypatch.setattr(kernel, "usable", lambda rows, table: False)
+    slow = generate(cfg, params, prompt, max_new_tokens=30, temperature=0.7, top_k=top_k,
+                    top_p=top_p, seed=5)
+    jax.clear_caches()
+    np.testing.assert_array_equal(fast, slow)
+    assert min(len(set(row[5:].tolist())) for row in fast) > 5  # varied output

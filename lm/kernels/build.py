@@ -46,7 +46,7 @@ TARGETS = {
     "lm_small_logits": "LmSmallLogits", "lm_transpose": "LmTranspose", "lm_gemm": "LmGemm",
     "lm_gemm_acc": "LmGemmAcc", "lm_quantize_rows": "LmQuantizeRows",
     "lm_greedy_tied": "LmGreedyTied", "lm_sample_tied": "LmSampleTied",
-    "lm_gumbel_rows": "LmGumbelRows",
+    "lm_gumbel_rows": "LmGumbelRows", "lm_top_k_tied": "LmTopKTied",
     "lm_amx_chunk_stats_bf16": "LmAmxChunkStatsBF16",
     "lm_amx_chunk_grads_bf16": "LmAmxChunkGradsBF16", "lm_amx_pack_bf16": "LmAmxPackBF16",
 }

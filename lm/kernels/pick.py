@@ -121,3 +121,22 @@ def gumbel(keys: jax.Array, vocab: int) -> jnp.ndarray:
     data = jax.random.key_data(keys).astype(jnp.uint32)
     out = jax.ShapeDtypeStruct((data.shape[0], vocab), jnp.float32)
     return jax.ffi.ffi_call("lm_gumbel_rows", out)(data)
+
+
+def top_k(x: jnp.ndarray, table: jnp.ndarray, quantized: Quantized, factor: jnp.ndarray,
+          k: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """`lax.top_k(small_logits(x, table) * factor[:, None], k)` from the int8 copy: (values
+    [B, k] fp32, indices [B, k] int32, ok [B] bool). The same values and order, larger
+    first and the lower index first on ties, bit for bit, where `ok`; a row whose bounds
+    or logits are not finite is not ok (the caller computes that row's logits instead).
+    `factor` > 0 per row (the reciprocal of the temperature)."""
+    build.require()
+    b, v = x.shape[0], table.shape[0]
+    if x.ndim != 2 or factor.shape != (b,) or not 0 < k <= v:
+        raise ValueError(f"need x [B, D], factor [B] and 0 < k <= {v}; got {x.shape}, "
+                         f"{factor.shape}, k={k}")
+    out = (jax.ShapeDtypeStruct((b, k), jnp.float32), jax.ShapeDtypeStruct((b, k), jnp.int32),
+           jax.ShapeDtypeStruct((b,), jnp.int32))
+    values, indices, rescored = jax.ffi.ffi_call("lm_top_k_tied", out, vmap_method="sequential")(
+        x, table, quantized.q, quantized.scale, quantized.radius, factor.astype(jnp.float32))
+    return values, indices, rescored >= 0
