@@ -1,6 +1,7 @@
 """Decoding's next token from the hidden state, reading an int8 copy of the output table
-(`pick_cpu.cc`): greedy, the same token as argmax(`logits.small_logits(x, table)`) bit for
-bit; sampled, jax.random.categorical's Gumbel draw from the tempered logits.
+(`pick_cpu.cc`, `top_k_cpu.cc`): greedy, the same token as argmax(`logits.small_logits(x,
+table)`) bit for bit; sampled, jax.random.categorical's Gumbel draw from the tempered
+logits; top-k sampling's k largest tempered logits, as lax.top_k gives them.
 
 Greedy decoding at batch 1 reads the whole fp32 output table per token (51 MB for GPT-2's
 vocabulary at width 256), two thirds of the step. `quantize` makes, once per decode, an
@@ -24,6 +25,10 @@ reaches the best lower score are computed exactly. 0.80-1.79 ms against 2.29-3.7
 logits kernel and the inverse-CDF draw (1 row), 3.26-3.54 against 5.65-7.13 (8 rows;
 `cpu_ops.py --ops pick_logits_sample_1 pick_sample_kernel_1 pick_logits_sample_8
 pick_sample_kernel_8`): sampled decoding 1.49x (batch 1) and 1.54x (batch 8) faster.
+
+`top_k` gives lax.top_k(logits * c, k) bit for bit (top-k sampling's candidates, before
+its nucleus filter and draw): every row of the top k has a logit at least the k-th
+largest lower bound, so only rows whose scaled upper bound reaches it are computed.
 """
 
 from __future__ import annotations

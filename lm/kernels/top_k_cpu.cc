@@ -13,31 +13,30 @@ namespace {
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 // The k largest scores fl(l_v * c) of one h row with their indices, ordered as lax.top_k
-// orders them (larger first, the lower index first among equal scores): every row in the
-// top k has l_v >= the k-th largest lower bound Lk (k rows have l >= lower >= Lk), so
-// fl(upper * c) >= fl(Lk * c) (fp32 products round monotonically); the rows that pass
-// that test are computed exactly and sorted. False where a bound or a candidate's logit is
-// not finite (the caller takes the logits path for the batch then).
-bool TopKRow(Exact& exact, const float* a, const float* R, float nx, float c, int64_t vocab,
-             int64_t k, float* values, int32_t* indices, int64_t* rescored) {
+// orders them (larger first, the lower index first among equal scores). Any Lk with k rows
+// whose lower bound reaches it is at most the k-th largest logit, so every row of the top
+// k has fl(upper * c) >= fl(Lk * c) (fp32 products round monotonically); the rows that
+// pass that test are computed exactly and sorted. Lk: the k-th largest of the vocabulary
+// chunks' largest lower bounds (`lower`, one per chunk, k distinct rows; a few hundred
+// values), or where there are fewer than k chunks the k-th largest lower bound itself.
+// False where a bound or a candidate's logit is not finite (the caller takes the logits
+// path for the batch then).
+bool TopKRow(Exact& exact, const float* a, const float* R, float nx, float c,
+             const float* lower, int64_t chunks, int64_t stride, int64_t vocab, int64_t k,
+             float* values, int32_t* indices, int64_t* rescored) {
   if (!std::isfinite(nx)) return false;
-  float* low = Scratch(5, vocab);
   const vf vn = Splat(nx);
-  vi bad = vi{};
-  int64_t v = 0;
-  for (; v + kLanes <= vocab; v += kLanes) {
-    const vf lb = Load(a + v) - vn * Load(R + v);
-    bad |= (vi)(lb - lb != 0.0f);  // inf or NaN
-    Store(low + v, lb);
+  float* low = Scratch(5, std::max(vocab, chunks));
+  int64_t n = chunks, v = 0;
+  if (k <= chunks) {
+    for (int64_t t = 0; t < chunks; ++t) low[t] = lower[t * stride];
+  } else {
+    n = vocab;
+    for (; v + kLanes <= vocab; v += kLanes) Store(low + v, Load(a + v) - vn * Load(R + v));
+    for (; v < vocab; ++v) low[v] = a[v] - nx * R[v];
   }
-  for (; v < vocab; ++v) {
-    low[v] = a[v] - nx * R[v];
-    bad[0] |= !std::isfinite(low[v]);
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    if (bad[l]) return false;
-  }
-  std::nth_element(low, low + (k - 1), low + vocab, std::greater<float>());
+  std::nth_element(low, low + (k - 1), low + n, std::greater<float>());
+  if (!std::isfinite(low[k - 1])) return false;
   const float threshold = low[k - 1] * c;
   std::vector<std::pair<float, int32_t>> cand;
   cand.reserve(2 * k + 16);
@@ -50,16 +49,19 @@ bool TopKRow(Exact& exact, const float* a, const float* R, float nx, float c, in
     return true;
   };
   for (v = 0; v + kLanes <= vocab; v += kLanes) {
-    const vi hit = (vi)(Fma(vn, Load(R + v), Load(a + v)) * vc >= vt);
+    const vf hi = Fma(vn, Load(R + v), Load(a + v));
+    const vi hit = (vi)(hi * vc >= vt) | (vi)(hi - hi != 0.0f);  // NaN, inf: not ok below
     bool any = false;
     for (int l = 0; l < kLanes; ++l) any |= hit[l] != 0;
     if (!any) continue;
     for (int l = 0; l < kLanes; ++l) {
-      if (hit[l] && !consider(v + l)) return false;
+      if (hit[l] && (!std::isfinite(a[v + l]) || !consider(v + l))) return false;
     }
   }
   for (; v < vocab; ++v) {
-    if ((a[v] + nx * R[v]) * c >= threshold && !consider(v)) return false;
+    const float hi = a[v] + nx * R[v];
+    if (!std::isfinite(hi)) return false;
+    if (hi * c >= threshold && !consider(v)) return false;
   }
   if (static_cast<int64_t>(cand.size()) < k) return false;  // cannot happen; be safe
   std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), [](const auto& p, const auto& q) {
@@ -95,7 +97,8 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const float* nx = HiddenNorms(H, rows, d);
   const int64_t tasks = (vocab + kVocabPerTask - 1) / kVocabPerTask;
   float* A = Scratch(1, rows * vocab);
-  float* lower = Scratch(2, tasks * rows);  // unused here; ApproxRows fills it
+  float* lower = Scratch(2, tasks * rows);  // each chunk's largest lower bound per row
+  std::fill(lower, lower + tasks * rows, -std::numeric_limits<float>::infinity());
   ParallelFor(pool, tasks, [&](int64_t task) {
     const int64_t v0 = task * kVocabPerTask, v1 = std::min(vocab, v0 + kVocabPerTask);
     ApproxRows(H, q.typed_data(), scale.typed_data(), radius.typed_data(), nx, rows, d, vocab,
@@ -106,8 +109,9 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     Exact exact{H + m * d, table.typed_data(), d, tail};
     int64_t rescored = 0;
     const bool ok = TopKRow(exact, A + m * vocab, radius.typed_data(), nx[m],
-                            factor.typed_data()[m], vocab, k, values->typed_data() + m * k,
-                            indices->typed_data() + m * k, &rescored);
+                            factor.typed_data()[m], lower + m, tasks, rows, vocab, k,
+                            values->typed_data() + m * k, indices->typed_data() + m * k,
+                            &rescored);
     rescored_out->typed_data()[m] = ok ? static_cast<int32_t>(rescored) : -1;
   };
   if (rows > 1) {
