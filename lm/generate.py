@@ -169,8 +169,8 @@ def _decode(model: Decoder, params, prompt_BP, ctx_BC, rng, *, max_new_tokens: i
     b, lp = prompt_BP.shape
     cache_len = model.cache_len
     keep = cache_len // 2
-    # on the CPU, greedy or a plain tempered draw: the loop carries the hidden state and
-    # picks through the int8 table
+    # on the CPU, greedy, a tempered draw or top-k sampling: the loop carries the hidden
+    # state and picks through the int8 table
     fast = (pick_head(model.cfg, params, b)
             if picks_from_hidden(temperature, top_k, top_p, model.cfg.vocab_size) else None)
     hidden_scale = None if fast is None else fast[2]
