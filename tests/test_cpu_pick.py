@@ -136,18 +136,39 @@ def test_greedy_decoding_goes_through_it():
     assert not kernel.usable(kernel.MAX_ROWS + 1, jnp.zeros((40, 32), jnp.float32))
 
 
-def test_windowed_greedy_decoding_matches_the_logits_path(monkeypatch):
-    """Past max_len (the cache refilled from the last half of the window) and at several
-    batch sizes, greedy decoding through the kernel gives the tokens of the logits path."""
-    from lm.generate import generate
+def _small_decoder(seed: int, sharpen: float):
+    """(config, a [3, 5] prompt, params scaled by `sharpen`) of the small tied GPT the
+    decoding and serving tests share: 2 layers of width 32, vocab 300, max_len 16."""
     from lm.models.config import ModelConfig
     from lm.models.transformer import Decoder
 
     cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
                       max_len=16)
     prompt = np.random.default_rng(0).integers(0, 300, (3, 5)).astype(np.int32)
-    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(2), jnp.asarray(prompt))["params"])
-    params = jax.tree.map(lambda p: p * 10, params)  # sharper: no single repeated token
+    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(seed), jnp.asarray(prompt))[
+        "params"])
+    return cfg, prompt, jax.tree.map(lambda p: p * sharpen, params)
+
+
+def _counting(monkeypatch, name: str) -> list:
+    """Replaces kernel.<name> with a wrapper that records each trace of it (decoding and
+    serving trace the kernel only on the path that uses it), returns the record."""
+    calls, real = [], getattr(kernel, name)
+
+    def counted(*args):
+        calls.append(name)
+        return real(*args)
+
+    monkeypatch.setattr(kernel, name, counted)
+    return calls
+
+
+def test_windowed_greedy_decoding_matches_the_logits_path(monkeypatch):
+    """Past max_len (the cache refilled from the last half of the window) and at several
+    batch sizes, greedy decoding through the kernel gives the tokens of the logits path."""
+    from lm.generate import generate
+
+    cfg, prompt, params = _small_decoder(2, 10)  # sharper: no single repeated token
     fast = generate(cfg, params, prompt, max_new_tokens=30, temperature=0.0)
     jax.clear_caches()
     monkeypatch.setattr(kernel, "usable", lambda rows, table: False)
@@ -160,15 +181,10 @@ def test_windowed_greedy_decoding_matches_the_logits_path(monkeypatch):
 def test_serving_steps_pick_the_logits_paths_tokens():
     """The serving step with the int8 table: every row greedy -> the kernel; a sampling
     row or a logprobs request -> the logits; greedy tokens equal the logits path's."""
-    from lm.models.config import ModelConfig
     from lm.models.transformer import Decoder
     from lm.serve import slots as dev
 
-    cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
-                      max_len=16)
-    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(3), jnp.zeros((1, 2), jnp.int32))[
-        "params"])
-    params = jax.tree.map(lambda p: p * 10, params)
+    cfg, _, params = _small_decoder(3, 10)
     model = Decoder(cfg, decode=True, cache_len=16)
     table = dev.pick_table(model, params)
     assert table is not None
@@ -204,19 +220,14 @@ def test_serving_steps_pick_the_logits_paths_tokens():
         lambda *a: dev.step(model, *a, None, rows=rows))(*args))
 
 
-def test_serving_draws_do_not_depend_on_the_branch():
+def test_serving_draws_do_not_depend_on_the_branch(monkeypatch):
     """Sampled serving rows draw the same tokens through the kernel and through the
     logits (whose sampler adds the same noise), so a row's tokens do not change when
     another row's top-k sends the step to the logits branch."""
-    from lm.models.config import ModelConfig
     from lm.models.transformer import Decoder
     from lm.serve import slots as dev
 
-    cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
-                      max_len=16)
-    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(3), jnp.zeros((1, 2), jnp.int32))[
-        "params"])
-    params = jax.tree.map(lambda p: p * 3, params)
+    cfg, _, params = _small_decoder(3, 3)
     model = Decoder(cfg, decode=True, cache_len=16)
     table = dev.pick_table(model, params)
     rows = 4
@@ -237,9 +248,20 @@ def test_serving_draws_do_not_depend_on_the_branch():
             out.append(np.asarray(ids))
         return np.stack(out)
 
+    ran, real = [], kernel.sample
+
+    def recorded(*args):  # counts the steps that run the kernel branch
+        jax.debug.callback(lambda: ran.append(1))
+        return real(*args)
+
+    monkeypatch.setattr(kernel, "sample", recorded)
+    jax.clear_caches()  # trace `step` again with the recording kernel
     fast = run(table, 0)
+    assert len(ran) == 8  # every step took the kernel
     np.testing.assert_array_equal(fast, run(None, 0))  # kernel == logits path
     mixed = run(table, 5)  # the last row's top-k: every row through the logits
+    assert len(ran) == 8
+    jax.clear_caches()
     np.testing.assert_array_equal(mixed[:, :3], fast[:, :3])
     assert len(set(fast[:, 1].tolist())) > 4  # sampled, varied
 
@@ -349,17 +371,14 @@ def test_sampled_decoding_matches_the_reference_draws(monkeypatch):
     """Past max_len and at batch 3, sampling through the kernel gives the tokens of the
     same draws made from the logits: argmax(noise + logits / t)."""
     from lm.generate import generate
-    from lm.models.config import ModelConfig
     from lm.models.layers import tied_logits
-    from lm.models.transformer import Decoder
 
-    cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
-                      max_len=16)
-    prompt = np.random.default_rng(0).integers(0, 300, (3, 5)).astype(np.int32)
-    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(2), jnp.asarray(prompt))["params"])
-    params = jax.tree.map(lambda p: p * 3, params)
+    cfg, prompt, params = _small_decoder(2, 3)
+    jax.clear_caches()  # trace again, so the record below sees the path
+    traced = _counting(monkeypatch, "sample")
     fast = generate(cfg, params, prompt, max_new_tokens=30, temperature=0.7, seed=4)
     jax.clear_caches()
+    assert traced  # the kernel path ran, not the inverse-CDF one on both sides
 
     def reference(x, table, quantized, temperature, keys):
         logits = tied_logits(x, table, jnp.float32) / temperature[:, None]
@@ -410,21 +429,18 @@ def test_top_k_decoding_matches_the_logits_path(monkeypatch, top_k, top_p, fallb
     """Top-k (and nucleus) sampling through the kernel gives the logits path's tokens
     (windowed, batch 3); so does the kernel's fallback for rows that are not ok."""
     from lm.generate import generate
-    from lm.models.config import ModelConfig
-    from lm.models.transformer import Decoder
 
-    cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
-                      max_len=16)
-    prompt = np.random.default_rng(0).integers(0, 300, (3, 5)).astype(np.int32)
-    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(2), jnp.asarray(prompt))["params"])
-    params = jax.tree.map(lambda p: p * 3, params)
+    cfg, prompt, params = _small_decoder(2, 3)
     if fallback:
         top_k_kernel = kernel.top_k
         monkeypatch.setattr(kernel, "top_k", lambda *a: (*top_k_kernel(*a)[:2],
                                                          jnp.zeros((3,), bool)))
+    jax.clear_caches()
+    traced = _counting(monkeypatch, "top_k")
     fast = generate(cfg, params, prompt, max_new_tokens=30, temperature=0.7, top_k=top_k,
                     top_p=top_p, seed=5)
     jax.clear_caches()
+    assert traced  # the kernel path ran
     monkeypatch.setattr(kernel, "usable", lambda rows, table: False)
     slow = generate(cfg, params, prompt, max_new_tokens=30, temperature=0.7, top_k=top_k,
                     top_p=top_p, seed=5)
