@@ -126,21 +126,38 @@ ffi::Error GumbelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys,
 
 #if defined(__AVX512F__) || defined(__AVX2__)  // the logits kernel's tiles
 
+// A row's score of an exact logit l: greedy, l itself; sampled, fl(fl(l / t) + g[v]) with
+// the row's noise g, so its first argmax is jnp.argmax(g + l / t), jax.random.categorical's
+// draw. fp32 division and addition round monotonically, so the scores of a logit's bounds
+// bound its score.
+struct Score {
+  const float* g;  // null: greedy
+  float t;
+  float operator()(float l, int64_t v) const { return g == nullptr ? l : g[v] + l / t; }
+  vf operator()(vf l, int64_t v) const {
+    return g == nullptr ? l : Load(g + v) + l / Splat(t);
+  }
+};
+
 // The fp32 path for a row whose bounds are not finite: the logits kernel's whole row
-// (TiledRows, as SmallLogitsImpl sums it) and the argmax kernel's choice of it.
-int32_t FullArgmax(Exact& exact, int64_t vocab, int64_t* rescored) {
+// (TiledRows, as SmallLogitsImpl sums it), scored, and the argmax kernel's choice of it.
+int32_t FullRow(Exact& exact, const Score& score, int64_t vocab, int64_t* rescored) {
   *rescored = vocab;
   float* row = Scratch(3, vocab);
   TiledRows(exact.h, exact.E, 1, exact.d, 0, vocab, row, vocab);
+  if (score.g != nullptr) {
+    for (int64_t v = 0; v < vocab; ++v) row[v] = score(row[v], v);
+  }
   return RowArgmax(row, vocab);
 }
 
-// The row's token from its approximate logits a[0, vocab), the largest lower bound L and
-// ||x||: the first largest exact logit among the rows whose upper bound reaches L.
-// `rescored` counts the exact logits computed (the whole vocabulary on the fp32 path).
-int32_t PickRow(Exact& exact, const float* a, const float* R, float nx, float L,
-                int64_t vocab, int64_t* rescored) {
-  if (!std::isfinite(L) || !std::isfinite(nx)) return FullArgmax(exact, vocab, rescored);
+// The row's token from its approximate logits a[0, vocab), the largest lower score L and
+// ||x||: the first largest exact score among the rows whose upper score reaches L (the
+// winner is one of them). `rescored` counts the exact logits computed (the whole
+// vocabulary on the fp32 path, which a non-finite bound or logit takes).
+int32_t PickRow(Exact& exact, const Score& score, const float* a, const float* R, float nx,
+                float L, int64_t vocab, int64_t* rescored) {
+  if (!std::isfinite(L) || !std::isfinite(nx)) return FullRow(exact, score, vocab, rescored);
   const vf vl = Splat(L), vn = Splat(nx);
   int64_t best = -1;
   float top = 0.0f;
@@ -148,52 +165,7 @@ int32_t PickRow(Exact& exact, const float* a, const float* R, float nx, float L,
     const float x = exact(v);
     ++*rescored;
     if (!std::isfinite(x) || !std::isfinite(a[v])) return false;
-    if (best < 0 || x > top) {
-      best = v;
-      top = x;
-    }
-    return true;
-  };
-  int64_t v = 0;
-  for (; v + kLanes <= vocab; v += kLanes) {
-    const vi hit = (vi)!(Fma(vn, Load(R + v), Load(a + v)) < vl);  // NaN: a candidate
-    bool any = false;
-    for (int l = 0; l < kLanes; ++l) any |= hit[l] != 0;
-    if (!any) continue;
-    for (int l = 0; l < kLanes; ++l) {
-      if (hit[l] && !consider(v + l)) return FullArgmax(exact, vocab, rescored);
-    }
-  }
-  for (; v < vocab; ++v) {
-    if (!(a[v] + nx * R[v] < L) && !consider(v)) return FullArgmax(exact, vocab, rescored);
-  }
-  return best < 0 ? FullArgmax(exact, vocab, rescored) : static_cast<int32_t>(best);
-}
-
-// A sampled row's token: the first largest score fl(fl(l / t) + g) of the exact logits l
-// and the noise g, i.e. jnp.argmax(g + l / t) as jax.random.categorical draws it. fp32
-// division and addition round monotonically, so the scores of the bounds a -/+ ||x|| r
-// bound every score; the rows whose upper score reaches `L`, the largest lower score,
-// hold the winner. A non-finite bound or logit scores the whole fp32 row instead.
-int32_t FullSample(Exact& exact, const float* g, float t, int64_t vocab, int64_t* rescored) {
-  *rescored = vocab;
-  float* row = Scratch(3, vocab);
-  TiledRows(exact.h, exact.E, 1, exact.d, 0, vocab, row, vocab);
-  for (int64_t v = 0; v < vocab; ++v) row[v] = g[v] + row[v] / t;
-  return RowArgmax(row, vocab);
-}
-
-int32_t SampleRow(Exact& exact, const float* a, const float* g, const float* R, float nx,
-                  float t, float L, int64_t vocab, int64_t* rescored) {
-  if (!std::isfinite(L) || !std::isfinite(nx)) return FullSample(exact, g, t, vocab, rescored);
-  const vf vl = Splat(L), vn = Splat(nx), vt = Splat(t);
-  int64_t best = -1;
-  float top = 0.0f;
-  auto consider = [&](int64_t v) -> bool {
-    const float x = exact(v);
-    ++*rescored;
-    if (!std::isfinite(x) || !std::isfinite(a[v])) return false;
-    const float s = g[v] + x / t;
+    const float s = score(x, v);
     if (best < 0 || s > top) {
       best = v;
       top = s;
@@ -202,21 +174,20 @@ int32_t SampleRow(Exact& exact, const float* a, const float* g, const float* R, 
   };
   int64_t v = 0;
   for (; v + kLanes <= vocab; v += kLanes) {
-    const vf hi = Load(g + v) + Fma(vn, Load(R + v), Load(a + v)) / vt;
-    const vi hit = (vi)!(hi < vl);  // NaN: a candidate
+    const vi hit = (vi)!(score(Fma(vn, Load(R + v), Load(a + v)), v) < vl);  // NaN: a candidate
     bool any = false;
     for (int l = 0; l < kLanes; ++l) any |= hit[l] != 0;
     if (!any) continue;
     for (int l = 0; l < kLanes; ++l) {
-      if (hit[l] && !consider(v + l)) return FullSample(exact, g, t, vocab, rescored);
+      if (hit[l] && !consider(v + l)) return FullRow(exact, score, vocab, rescored);
     }
   }
   for (; v < vocab; ++v) {
-    if (!(g[v] + (a[v] + nx * R[v]) / t < L) && !consider(v)) {
-      return FullSample(exact, g, t, vocab, rescored);
+    if (!(score(a[v] + nx * R[v], v) < L) && !consider(v)) {
+      return FullRow(exact, score, vocab, rescored);
     }
   }
-  return best < 0 ? FullSample(exact, g, t, vocab, rescored) : static_cast<int32_t>(best);
+  return best < 0 ? FullRow(exact, score, vocab, rescored) : static_cast<int32_t>(best);
 }
 
 // The noise of table rows [v0, v1) for a sampled h row into g, and the largest lower score
@@ -292,16 +263,11 @@ ffi::Error Pick(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi
     for (int64_t t = 0; t < tasks; ++t) L = std::max(L, lower[t * rows + m]);
     Exact exact{H + m * d, E, d, tail};
     int64_t rescored = 0;
-    O[m] = sampled(m) ? SampleRow(exact, A + m * vocab, G + m * vocab, R, nx[m], temperature[m],
-                                  L, vocab, &rescored)
-                      : PickRow(exact, A + m * vocab, R, nx[m], L, vocab, &rescored);
+    const Score score = sampled(m) ? Score{G + m * vocab, temperature[m]} : Score{nullptr, 1.0f};
+    O[m] = PickRow(exact, score, A + m * vocab, R, nx[m], L, vocab, &rescored);
     C[m] = static_cast<int32_t>(rescored);
   };
-  if (rows > 1) {
-    ParallelFor(pool, rows, pick);
-  } else {
-    pick(0);
-  }
+  ParallelFor(pool, rows, pick);  // one row: on this thread
   return ffi::Error::Success();
 }
 

@@ -38,8 +38,8 @@ bool TopKRow(Exact& exact, const float* a, const float* R, float nx, float c,
   std::nth_element(low, low + (k - 1), low + n, std::greater<float>());
   if (!std::isfinite(low[k - 1])) return false;
   const float threshold = low[k - 1] * c;
-  std::vector<std::pair<float, int32_t>> cand;
-  cand.reserve(2 * k + 16);
+  thread_local std::vector<std::pair<float, int32_t>> cand;  // reused: no allocation per call
+  cand.clear();
   const vf vt = Splat(threshold), vc = Splat(c);
   auto consider = [&](int64_t v) -> bool {
     const float x = exact(v);
@@ -114,11 +114,7 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                             &rescored);
     rescored_out->typed_data()[m] = ok ? static_cast<int32_t>(rescored) : -1;
   };
-  if (rows > 1) {
-    ParallelFor(pool, rows, pick);
-  } else {
-    pick(0);
-  }
+  ParallelFor(pool, rows, pick);  // one row: on this thread
   return ffi::Error::Success();
 }
 
