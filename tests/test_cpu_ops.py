@@ -84,9 +84,12 @@ def test_ops_compute_their_reference_values():
         (w_,) = (np.asarray(a, np.float64) for a in ops["quantize_table"][1])
         s_ = np.abs(w_).max(-1) / 127
         q_ = np.rint(w_ / s_[:, None])
-        gamma = 2 * (w_.shape[1] + 2) * 2.0**-24
+        width = w_.shape[1]
+        gamma = 2 * (width + 2) * 2.0**-24
+        share = 0.52 * np.sqrt(width) / min(32767, (2**31 - 1) // (127 * width))  # int16 x
         radius = (np.linalg.norm(w_ - s_[:, None] * q_, axis=-1) + gamma * (
-            np.linalg.norm(w_, axis=-1) + s_ * np.linalg.norm(q_, axis=-1))) * 1.001
+            np.linalg.norm(w_, axis=-1) + s_ * np.linalg.norm(q_, axis=-1))
+            + share * s_ * np.linalg.norm(q_, axis=-1)) * 1.001
         want["quantize_table"] = (q_, s_, radius)
     u8, x8s = (np.asarray(a, np.float64) for a in ops["sample_kernel"][1])
     p8 = np.exp(x8s - x8s.max(-1, keepdims=True)).cumsum(-1)

@@ -90,6 +90,32 @@ def test_the_error_bound_holds():
         assert np.max(slack) < 30 * np.max(np.abs(exact - approx)) + 1e-6
 
 
+def test_the_radius_covers_the_int16_copy_of_x():
+    """With AVX2 the approximate pass multiplies the int8 table by an int16 copy of x; the
+    radius reserves room for that rounding. Here the table is exact in int8 (no table
+    error), x's small elements all round to 0 against its one large element and are
+    aligned with row 0's signs and against row 1's: the int16 estimate ranks row 1 first
+    by 32767 units where row 0's exact logit is larger by 32121 units. Without the
+    radius's share for x's rounding (HiddenShare) row 0 is no candidate and the kernel
+    returns 1 (checked); with it both rows are rescored and 0 wins."""
+    width, vocab, j0 = 512, 64, 7
+    sign = np.where(np.random.default_rng(0).random(width) < 0.5, -1.0, 1.0)
+    unit = 2.0**-7  # scale of both rows: max |w| = 127 units, exact in fp32
+    table = np.zeros((vocab, width), np.float32)
+    table[0] = 127 * unit * sign
+    table[1] = -127 * unit * sign
+    table[0, j0], table[1, j0] = 100 * unit, 101 * unit
+    delta = 2.0**-10
+    x = (0.4999 * delta * sign)[None].astype(np.float32)
+    x[0, j0] = 32767 * delta  # the int16 scale is delta; the rest rounds to 0
+    x_j, table_j = jnp.asarray(x), jnp.asarray(table)
+    exact = np.asarray(logits_kernel.small_logits(x_j, table_j))[0]
+    assert exact[0] > exact[1] > 0 and np.all(exact[2:] == 0)
+    tokens, rescored = _greedy(x_j, table_j)
+    assert int(tokens[0]) == 0
+    assert int(rescored[0]) < vocab  # decided by the bound, not the whole fp32 row
+
+
 def test_non_finite_values_pick_as_jnp_argmax():
     width, vocab = 32, 500
     table = np.array(_normal(4, (vocab, width), 0.1))

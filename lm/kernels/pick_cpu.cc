@@ -76,12 +76,14 @@ void QuantizeRow(const float* w, int64_t d, int8_t* q, float* scale, float* radi
     q2 = Fma(t, t, q2);
   }
   // fp32 dot products of d terms err by at most (d + 2) u times the sum of |terms| (u =
-  // 2^-24, Higham's gamma_d with the scale's product): twice that; 0.1 % covers these
-  // fp32 norms' own rounding
+  // 2^-24, Higham's gamma_d with the scale's product): twice that (the int16 pass's two
+  // products and one conversion, 3u, fit in the second); HiddenShare for the int16
+  // copy of x (pick_cpu.h); 0.1 % covers these fp32 norms' own rounding
   const double gamma = 2.0 * static_cast<double>(d + 2) * std::ldexp(1.0, -24);
-  const double bound = std::sqrt(static_cast<double>(HorizontalSum(r2))) + gamma * (
-      std::sqrt(static_cast<double>(HorizontalSum(w2))) +
-      s * std::sqrt(static_cast<double>(HorizontalSum(q2))));
+  const double norm_q = s * std::sqrt(static_cast<double>(HorizontalSum(q2)));
+  const double bound = std::sqrt(static_cast<double>(HorizontalSum(r2))) +
+                       gamma * (std::sqrt(static_cast<double>(HorizontalSum(w2))) + norm_q) +
+                       HiddenShare(d) * norm_q;
   *scale = s;
   *radius = static_cast<float>(bound * 1.001);
 }
@@ -238,7 +240,8 @@ ffi::Error Pick(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi
   int32_t* C = rescored_out->typed_data();
   auto sampled = [&](int64_t m) { return temperature != nullptr && temperature[m] > 0.0f; };
 
-  const float* nx = HiddenNorms(H, rows, d);
+  float* nx = HiddenNorms(H, rows, d);
+  const HiddenInt hi = QuantizeHidden(H, rows, d, nx);
   const int64_t tasks = (vocab + kVocabPerTask - 1) / kVocabPerTask;
   float* A = Scratch(1, rows * vocab);
   float* lower = Scratch(2, tasks * rows);
@@ -249,7 +252,7 @@ ffi::Error Pick(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi
   ParallelFor(pool, tasks, [&](int64_t task) {
     const int64_t v0 = task * kVocabPerTask, v1 = std::min(vocab, v0 + kVocabPerTask);
     float* low = lower + task * rows;
-    ApproxRows(H, Q, S, R, nx, rows, d, vocab, v0, v1, A, low);
+    ApproxRows(H, hi, Q, S, R, nx, rows, d, vocab, v0, v1, A, low);
     for (int64_t m = 0; m < rows; ++m) {
       if (sampled(m)) {
         low[m] = NoiseAndLower(keys + 2 * m, A + m * vocab, R, nx[m], temperature[m], v0, v1,

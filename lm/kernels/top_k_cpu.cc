@@ -94,14 +94,15 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     return ffi::Error::InvalidArgument("need a width multiple of the vector width, 1 <= k <= V");
   }
   const float* H = x.typed_data();
-  const float* nx = HiddenNorms(H, rows, d);
+  float* nx = HiddenNorms(H, rows, d);
+  const HiddenInt hi = QuantizeHidden(H, rows, d, nx);
   const int64_t tasks = (vocab + kVocabPerTask - 1) / kVocabPerTask;
   float* A = Scratch(1, rows * vocab);
   float* lower = Scratch(2, tasks * rows);  // each chunk's largest lower bound per row
   std::fill(lower, lower + tasks * rows, -std::numeric_limits<float>::infinity());
   ParallelFor(pool, tasks, [&](int64_t task) {
     const int64_t v0 = task * kVocabPerTask, v1 = std::min(vocab, v0 + kVocabPerTask);
-    ApproxRows(H, q.typed_data(), scale.typed_data(), radius.typed_data(), nx, rows, d, vocab,
+    ApproxRows(H, hi, q.typed_data(), scale.typed_data(), radius.typed_data(), nx, rows, d, vocab,
                v0, v1, A, lower + task * rows);
   });
   const int64_t tail = vocab / kLanes * kLanes;
