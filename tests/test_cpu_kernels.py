@@ -390,10 +390,11 @@ def _gemm_or_skip():
 
 # (N, K, F): row tails of every size below 12 (AVX2: 6), blocks of 48 rows (24), the
 # column split of few row blocks (N < 8 * 48), F an odd multiple of 16, K = 1, one row,
-# at most 12 rows (decoding: AVX2's FewRows, strips of 64 columns and their tail)
+# at most 12 rows (decoding: AVX2's FewRows, strips of 64 columns and their tail, rows
+# 8, 4, 2 and 1 at a time)
 @pytest.mark.parametrize("n,k,f", [(768, 128, 384), (13, 128, 48), (100, 33, 32),
                                    (37, 64, 1024), (1, 7, 16), (400, 1, 80), (11, 512, 128),
-                                   (8, 256, 208), (3, 40, 80)])
+                                   (8, 256, 208), (3, 40, 80), (12, 96, 80), (7, 64, 1024)])
 def test_gemm_kernel_is_the_product(n, k, f):
     gemm = _gemm_or_skip()
     a, b = _normal(1, (n, k)), _normal(2, (k, f))

@@ -115,17 +115,32 @@ constexpr int64_t kTaskRows = 4 * kMaxRows, kTaskCols = 128;
 constexpr int64_t kFewRows = 12;  // at most this many rows of A: B's rows prefetched
                                   // (gemm.py's AVX2_MAX_ROWS: AVX2 calls only these)
 
-// At most kFewRows rows with AVX2 (decoding), one row at a time against strips of 8
-// vectors (4 cache lines of each B row, prefetched; the strip's later rows from L1 / L2).
-// AVX2's 6 x 16 tiles read one line of each B row per pass: greedy decoding at batch 1
-// ran 0.79x XLA's speed with them; with the strips batch 8 1.10x, batch 1 within noise
-// (README, Performance).
+// At most kFewRows rows with AVX2 (decoding), against strips of 8 vectors (4 cache lines
+// of each B row, prefetched): 8 rows at a time one vector of the strip at a time (8
+// accumulators, each B vector loaded once for all 8), then 4 rows x 2 vectors, 2 x 4 and
+// 1 x 8. AVX2's 6 x 16 tiles read one line of each B row per pass: greedy decoding at
+// batch 1 ran 0.79x XLA's speed with them; with the strips batch 8 1.10x, batch 1 within
+// noise (README, Performance). Rows were first taken one at a time against the strip,
+// which reads the strip 8 times at batch 8, from L2 at best: a 1024-float-wide B's rows
+// lie 4 KB apart and the strip's 256 rows alias onto 16 of L2's sets, so rows 2-8 read it
+// from L3 (the [8, 256] x [256, 1024] product 1.75x faster now). Every C value is still
+// one FMA chain over k in order: the values do not change.
 inline void FewRows(int64_t m, const float* A, int64_t K, const float* B, int64_t F,
                     int64_t j0, int64_t j1, float* C) {
   int64_t j = j0;
-  for (; j + 8 * kW <= j1; j += 8 * kW)
-    for (int64_t r = 0; r < m; ++r)
-      Micro<1, 8, true>(A + r * K, K, B + j, F, K, C + r * F + j, F);
+  for (; j + 8 * kW <= j1; j += 8 * kW) {
+    int64_t r = 0;
+    for (; r + 8 <= m; r += 8)
+      for (int v = 0; v < 8; ++v)
+        Micro<8, 1, true>(A + r * K, K, B + j + v * kW, F, K, C + r * F + j + v * kW, F);
+    for (; r + 4 <= m; r += 4)
+      for (int v = 0; v < 8; v += 2)
+        Micro<4, 2, true>(A + r * K, K, B + j + v * kW, F, K, C + r * F + j + v * kW, F);
+    for (; r + 2 <= m; r += 2)
+      for (int v = 0; v < 8; v += 4)
+        Micro<2, 4, true>(A + r * K, K, B + j + v * kW, F, K, C + r * F + j + v * kW, F);
+    for (; r < m; ++r) Micro<1, 8, true>(A + r * K, K, B + j, F, K, C + r * F + j, F);
+  }
   for (; j + kW <= j1; j += kW)
     for (int64_t r = 0; r < m; ++r)
       Micro<1, 1, true>(A + r * K, K, B + j, F, K, C + r * F + j, F);
