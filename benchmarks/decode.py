@@ -12,6 +12,7 @@ RSS), the CPU's model and bf16/AMX flags first, one line per ratio last.
     python benchmarks/decode.py --rounds 2
     python benchmarks/decode.py --batch 1 --mode greedy --rounds 3
     python benchmarks/decode.py --mode top_k --rounds 2    # top-k 40 sampling
+    python benchmarks/decode.py --mode top_p --rounds 2    # nucleus 0.9 sampling
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from lm import runtime
 
 TOP_K = 40  # --mode top_k: the demo page's default
+TOP_P = 0.9  # --mode top_p (no top-k): the nucleus over the whole vocabulary
 SHAPE = dict(layers=4, width=256, heads=4, vocab=50257, max_len=512, prompt=16, new=256)
 
 
@@ -82,7 +84,8 @@ def ours(batch: int, mode: str):
 
     def run():
         out = generate(cfg, params, ids, max_new_tokens=SHAPE["new"], temperature=temperature,
-                       top_k=TOP_K if mode == "top_k" else 0)
+                       top_k=TOP_K if mode == "top_k" else 0,
+                       top_p=TOP_P if mode == "top_p" else 1.0)
         assert out.shape == (batch, SHAPE["prompt"] + SHAPE["new"])
 
     return run
@@ -105,6 +108,7 @@ def hf(batch: int, mode: str):
                                  max_new_tokens=SHAPE["new"], min_new_tokens=SHAPE["new"],
                                  do_sample=mode != "greedy", temperature=1.0,
                                  top_k=TOP_K if mode == "top_k" else 0,
+                                 top_p=TOP_P if mode == "top_p" else 1.0,
                                  pad_token_id=0, eos_token_id=None)
         assert tuple(out.shape) == (batch, SHAPE["prompt"] + SHAPE["new"])
 
@@ -132,8 +136,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="timed calls per process (best)")
     p.add_argument("--batch", type=int, action="append", default=None)
-    p.add_argument("--mode", choices=("greedy", "sample", "top_k"), action="append",
-                   default=None, help="default: greedy and sample; top_k: top-k 40 sampling")
+    p.add_argument("--mode", choices=("greedy", "sample", "top_k", "top_p"), action="append",
+                   default=None, help="default: greedy and sample; top_k: top-k 40 sampling; "
+                   "top_p: nucleus 0.9 sampling")
     p.add_argument("--only", choices=("lm", "hf"), default=None, help="(internal) one side")
     args = p.parse_args()
     batches, modes = args.batch or [1, 8], args.mode or ["greedy", "sample"]

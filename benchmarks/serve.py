@@ -5,7 +5,8 @@ A B A B with each side in a fresh process.
 Shape (as benchmarks/decode.py): a random-init GPT of 4 layers, width 256, 4 heads, vocab
 50257, learned positions; 16-token prompts (token ids), 64 new tokens each, greedy, no
 early stop (`--temperature T`: sampled at temperature T from the whole softmax, top-k
-off on both sides). Our side: the server in its own process (32 slots of 80 tokens), the clients
+off on both sides; `--top_p P` / `--top_k K` with it: from the nucleus / the k largest,
+every request). Our side: the server in its own process (32 slots of 80 tokens), the clients
 in another (asyncio + httpx, each client sends its requests one after another, so
 `concurrency` requests are in flight); latency is per request, HTTP and JSON included.
 HF side: `generate` on a batch of `concurrency` prompts; every sequence's latency is its
@@ -15,6 +16,7 @@ the CPU's model and flags first, one line per ratio last.
     python benchmarks/serve.py --rounds 2
     python benchmarks/serve.py --concurrency 8 --rounds 1
     python benchmarks/serve.py --rounds 2 --temperature 1
+    python benchmarks/serve.py --rounds 2 --temperature 1 --top_p 0.9
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def serve(port: int) -> None:
                 log_level="warning")
 
 
-async def _load(url: str, c: int, per_client: int, temperature: float
+async def _load(url: str, c: int, per_client: int, sampling: dict
                 ) -> tuple[list[float], int, float]:
     import httpx
 
@@ -109,7 +111,7 @@ async def _load(url: str, c: int, per_client: int, temperature: float
         for j in range(per_client):
             t0 = time.perf_counter()
             r = await client.post(f"{url}/v1/completions", json={
-                "prompt": ids[i], "max_tokens": SHAPE["new"], "temperature": temperature,
+                "prompt": ids[i], "max_tokens": SHAPE["new"], **sampling,
                 "seed": i * 1000 + j})
             latencies.append(time.perf_counter() - t0)
             r.raise_for_status()
@@ -124,7 +126,7 @@ async def _load(url: str, c: int, per_client: int, temperature: float
         return latencies, tokens, time.perf_counter() - t0
 
 
-def ours(concurrency: list[int], temperature: float) -> list[dict]:
+def ours(concurrency: list[int], sampling: dict) -> list[dict]:
     import httpx
 
     with socket.socket() as s:
@@ -147,11 +149,11 @@ def ours(concurrency: list[int], temperature: float) -> list[dict]:
                 raise RuntimeError("server did not start")
         out = []
         for c in concurrency:
-            asyncio.run(_load(url, c, 1, temperature))  # compiles this batch's prefill shapes
+            asyncio.run(_load(url, c, 1, sampling))  # compiles this batch's prefill shapes
             latencies, tokens, wall = asyncio.run(_load(url, c, requests_per_client(c),
-                                                        temperature))
+                                                        sampling))
             out.append({"what": "serve", "impl": "lm", "concurrency": c, "config": SHAPE,
-                        "temperature": temperature, "slots": SLOTS}
+                        **sampling, "slots": SLOTS}
                        | stats(latencies, tokens, wall))
         return out
     finally:
@@ -160,7 +162,7 @@ def ours(concurrency: list[int], temperature: float) -> list[dict]:
 
 
 # ------------------------------------------------------------------ Hugging Face side
-def hf(concurrency: list[int], temperature: float, threads: int | None = None) -> list[dict]:
+def hf(concurrency: list[int], sampling: dict, threads: int | None = None) -> list[dict]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -169,8 +171,9 @@ def hf(concurrency: list[int], temperature: float, threads: int | None = None) -
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=SHAPE["vocab"], n_embd=SHAPE["width"], n_layer=SHAPE["layers"],
         n_head=SHAPE["heads"], n_positions=SHAPE["max_len"])).eval()
-    sampling = (dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0
-                else dict(do_sample=False))
+    temperature = sampling["temperature"]
+    how = (dict(do_sample=True, temperature=temperature, top_k=sampling["top_k"],
+                top_p=sampling["top_p"]) if temperature > 0 else dict(do_sample=False))
     out = []
     for c in concurrency:
         ids = torch.tensor(prompts(c), dtype=torch.long)
@@ -179,7 +182,7 @@ def hf(concurrency: list[int], temperature: float, threads: int | None = None) -
             with torch.no_grad():
                 o = model.generate(ids, attention_mask=torch.ones_like(ids),
                                    max_new_tokens=SHAPE["new"], min_new_tokens=SHAPE["new"],
-                                   pad_token_id=0, eos_token_id=None, **sampling)
+                                   pad_token_id=0, eos_token_id=None, **how)
             assert tuple(o.shape) == (c, SHAPE["prompt"] + SHAPE["new"])
 
         call()  # warm-up
@@ -191,7 +194,7 @@ def hf(concurrency: list[int], temperature: float, threads: int | None = None) -
             latencies += [time.perf_counter() - t1] * c
         wall = time.perf_counter() - t0
         out.append({"what": "serve", "impl": "hf", "concurrency": c, "config": SHAPE,
-                    "temperature": temperature, "torch_threads": torch.get_num_threads()}
+                    **sampling, "torch_threads": torch.get_num_threads()}
                    | stats(latencies, len(latencies) * SHAPE["new"], wall))
     return out
 
@@ -207,15 +210,24 @@ def main() -> None:
                    "on a loaded machine)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy (default); > 0: sampled at this temperature")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus (with --temperature)")
+    p.add_argument("--top_k", type=int, default=0, help="k largest (with --temperature)")
     args = p.parse_args()
     if args.temperature < 0:
         p.error(f"--temperature={args.temperature}: must be >= 0")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top_p={args.top_p}: must be in (0, 1]")
+    if args.top_k < 0:
+        p.error(f"--top_k={args.top_k}: must be >= 0")
+    if (args.top_p < 1 or args.top_k) and args.temperature == 0:
+        p.error("--top_p / --top_k: need --temperature > 0 (greedy ignores them)")
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     if args.serve:
         return serve(args.serve)
     conc = args.concurrency or [1, 8, 32]
     if args.only:
-        records = (ours(conc, args.temperature) if args.only == "lm"
-                   else hf(conc, args.temperature, args.hf_threads))
+        records = (ours(conc, sampling) if args.only == "lm"
+                   else hf(conc, sampling, args.hf_threads))
         for record in records:
             print(json.dumps(record), flush=True)
         return
@@ -227,7 +239,8 @@ def main() -> None:
                                                                  for c in conc]
             if args.hf_threads:
                 cmd.append(f"--hf_threads={args.hf_threads}")
-            cmd.append(f"--temperature={args.temperature}")
+            cmd += [f"--temperature={args.temperature}", f"--top_p={args.top_p}",
+                    f"--top_k={args.top_k}"]
             for record in side_records(cmd, impl, r):
                 results.setdefault((impl, record["concurrency"]), []).append(record)
                 print(json.dumps(record), flush=True)
@@ -236,7 +249,7 @@ def main() -> None:
                       for k in ("tokens_per_sec", "latency_p50_s", "latency_p99_s")}
                for impl in ("lm", "hf")}
         print(json.dumps({
-            "what": "ratio_serve", "concurrency": c, "temperature": args.temperature,
+            "what": "ratio_serve", "concurrency": c, **sampling,
             "lm_over_hf_tokens_per_sec": round(med["lm"]["tokens_per_sec"]
                                                / med["hf"]["tokens_per_sec"], 2),
             "lm_over_hf_latency_p50": round(med["lm"]["latency_p50_s"]

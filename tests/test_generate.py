@@ -55,6 +55,62 @@ def test_top_k_and_top_p_filters():
     assert set(draws) == {0, 1}  # 0.5 + 0.2 reaches 0.6
 
 
+def _sorted_nucleus(logits, top_k, top_p):
+    """The filters by sorting (fp64): keep the top_k largest, then the smallest prefix of
+    the sorted rest whose probability reaches top_p, ties at both boundaries kept."""
+    keep = np.zeros(logits.shape, bool)
+    for b, row in enumerate(np.asarray(logits, np.float64)):
+        k = top_k[b] if top_k[b] > 0 else row.size
+        kth = np.sort(row)[::-1][min(k, row.size) - 1]
+        masked = np.where(row >= kth, row, -np.inf)
+        order = np.sort(masked)[::-1]
+        p = np.exp(order - order[0])
+        cum = np.cumsum(p / p.sum())
+        cut = order[min(int(np.sum(cum < top_p[b])), row.size - 1)] if top_p[b] < 1 else -np.inf
+        keep[b] = (row >= kth) & (masked >= cut)
+    return keep
+
+
+def test_filters_by_bisection_equal_sorting():
+    """filter_logits' nucleus and serving's per-row top-k / top-p thresholds (bisection over
+    the values' order, no sort) keep what sorting keeps: random rows, exact ties at the
+    boundaries, -0.0 and 0.0, -inf, large and tiny spreads, top_p near 0 and near 1 (not
+    within fp32 rounding of 1, where either answer is right)."""
+    from lm.serve.slots import sample_rows
+
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=300) * s for s in (0.01, 1.0, 8.0, 40.0)]
+    tie = rng.normal(size=300)
+    tie[:40] = tie.max() + 1.0  # 40 equal maxima
+    rows.append(tie)
+    zeros = rng.normal(size=300)
+    zeros[:100], zeros[100:200] = 0.0, -0.0
+    zeros[200:] = np.abs(zeros[200:]) * -1e-3
+    rows.append(zeros)
+    neg = rng.normal(size=300)
+    neg[::3] = -np.inf
+    rows.append(neg)
+    logits = jnp.asarray(np.stack(rows), jnp.float32)
+    for top_p in (1e-6, 0.3, 0.9, 0.999, 0.9999):  # (nearer 1: fp32 rounding decides)
+        got = np.asarray(filter_logits(logits, top_p=top_p)) > -1e30
+        want = _sorted_nucleus(logits, np.zeros(len(rows), int), np.full(len(rows), top_p))
+        np.testing.assert_array_equal(got, want, err_msg=f"top_p={top_p}")
+    # serving: a k and a p per row; the filtered logits decide which tokens can be drawn
+    b = len(rows)
+    top_k = np.array([0, 5, 40, 1, 10, 150, 299])
+    top_p = np.array([0.9, 1.0, 0.5, 0.9, 1.0, 0.99, 0.2], np.float32)
+    want = _sorted_nucleus(logits, top_k, top_p)
+    keys = jax.random.split(jax.random.key(0), b)
+    seen = np.zeros_like(want)
+    draw = jax.jit(sample_rows)
+    for i in range(300):
+        tok = np.asarray(draw(logits, jax.random.split(keys[i % b], b), jnp.ones((b,)),
+                              jnp.asarray(top_k), jnp.asarray(top_p)))
+        seen[np.arange(b), tok] = True
+    assert not np.any(seen & ~want)  # nothing outside the filters is ever drawn
+    assert seen[3].sum() == 1 and want[3].sum() == 1  # top_k=1: the argmax alone
+
+
 def test_sample_cli_on_a_trained_run(tmp_path):
     import subprocess
     import sys

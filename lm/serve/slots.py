@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lm.generate import greedy_token, pick_head
+from lm.generate import greedy_token, order_keys, pick_head, threshold
 from lm.kernels import pick as pick_kernel
 from lm.kernels.build import on_cpu
 from lm.models.cache import INDEX_LEAVES, SEQ_AFTER_ROW, leaf_name, merge_rows, row_axis, split_rows
@@ -100,23 +100,20 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     (the same filters as `lm.generate.filter_logits`, with settings per row). A draw is
     jax.random.categorical(key_b, filtered logits / t_b): the first argmax of
     gumbel(key_b) + logits / t_b, the token the pick kernel draws for an unfiltered row,
-    so a row's tokens do not depend on which branch its batch took. The sort the filters
-    need runs only when some row asks for one, and nothing but an argmax runs when every
-    row is greedy."""
+    so a row's tokens do not depend on which branch its batch took. The filters'
+    thresholds (bisection, `lm.generate.threshold`) run only when some row asks for one,
+    and nothing but an argmax runs when every row is greedy."""
     v = logits_BV.shape[-1]
     neg = jnp.finfo(logits_BV.dtype).min
     greedy = greedy_token(logits_BV)  # on the CPU lm's argmax kernel
 
-    def filtered(x):
-        sorted_BV = jnp.sort(x, axis=-1)[:, ::-1]
+    def filtered(x):  # thresholds by bisection (`threshold`): no sort of the vocabulary
+        keys = order_keys(x)
         k = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
-        kth = jnp.take_along_axis(sorted_BV, (k - 1)[:, None], axis=-1)
-        sorted_BV = jnp.where(sorted_BV < kth, neg, sorted_BV)
-        cum = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-        cut_idx = jnp.minimum(jnp.sum(cum < top_p_B[:, None], axis=-1, keepdims=True), v - 1)
-        cutoff = jnp.where(top_p_B[:, None] < 1.0, jnp.take_along_axis(sorted_BV, cut_idx, -1),
-                           neg)
-        return jnp.where((x < kth) | (x < cutoff), neg, x)
+        kth = threshold(jnp.ones((), jnp.int32), keys, k[:, None])
+        x = jnp.where(keys < kth, neg, x)
+        cut = threshold(jax.nn.softmax(x, axis=-1), keys, top_p_B[:, None])
+        return jnp.where((keys < cut) & (top_p_B[:, None] < 1.0), neg, x)
 
     def draw(_):
         x = logits_BV / jnp.maximum(tempered(temperature_B), 1e-6)[:, None]
