@@ -119,6 +119,7 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
     from lm import generate
     from lm.kernels import argmax as argmax_kernel
     from lm.kernels import build
+    from lm.kernels import filters as filters_kernel
     from lm.kernels import gemm as gemm_kernel
     from lm.kernels import logits as logits_kernel
     from lm.kernels import pick as pick_kernel
@@ -161,6 +162,23 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
 
     weights_all = jax.random.normal(key, (vocab + 48 * width, width))
     logits8 = logits[:8]
+    # a batch-8 decoding step's MLP products, [8, D] x [D, 4D] and [8, 4D] x [4D, D]
+    w_in = jax.random.normal(jax.random.key(8), (width, 4 * width))
+    w_out8 = jax.random.normal(jax.random.key(9), (4 * width, width))
+    h8_wide = jax.random.normal(jax.random.key(10), (8, 4 * width))
+
+    def nucleus_sort(x):  # the nucleus by sorting the row (the filter before bisection)
+        sorted_ = jnp.sort(x, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_, axis=-1), axis=-1)
+        idx = jnp.minimum(jnp.sum(cum < 0.9, axis=-1, keepdims=True), x.shape[-1] - 1)
+        return x >= jnp.take_along_axis(sorted_, idx, axis=-1)
+
+    def nucleus_bisect(x):  # lm.generate.filter_logits's nucleus off the CPU: bisection
+        with build.switched_off():  # traced with the kernel off
+            return generate.filter_logits(x, top_p=0.9) > jnp.finfo(x.dtype).min
+
+    def nucleus_kernel(x):  # the same on the CPU: the filter kernel
+        return filters_kernel.filter_rows(x, 0, 0.9) > jnp.finfo(x.dtype).min
     grad16 = grad.astype(jnp.bfloat16)
     bias16 = jnp.zeros(bias_shape[-1:], jnp.bfloat16)
 
@@ -276,6 +294,18 @@ def ops(vocab: int, rows: int, width: int, bias_shape: tuple[int, int, int],
         "decode_logits_xla": (lambda x, e: dot(x, e, ((1,), (1,))), (h8, table)),
         "decode_logits_kernel": (logits_kernel.small_logits if logits_kernel.usable(h8, table)
                                  else lambda x, e: dot(x, e, ((1,), (1,))), (h8, table)),
+        # decoding's few-row products: XLA's and lm's kernel (AVX2: 8 rows at a time)
+        "decode_mlp_in_xla": (lambda x, w: x @ w, (h8, w_in)),
+        "decode_mlp_out_xla": (lambda x, w: x @ w, (h8_wide, w_out8)),
+        **({"decode_mlp_in_kernel": (gemm_kernel.matmul, (h8, w_in)),
+            "decode_mlp_out_kernel": (gemm_kernel.matmul, (h8_wide, w_out8))}
+           if gemm_kernel.usable(h8, w_in) and gemm_kernel.usable(h8_wide, w_out8) else {}),
+        # the nucleus (top_p 0.9) of 1 and 8 logits rows: by sorting, by bisection (XLA)
+        # and by lm's kernel (lm.kernels.filters)
+        **{f"nucleus_{how}_{rows}": (fn, (logits8[:rows],)) for rows in (1, 8)
+           for how, fn in (("sort", nucleus_sort), ("bisect", nucleus_bisect))},
+        **({f"nucleus_kernel_{rows}": (nucleus_kernel, (logits8[:rows],)) for rows in (1, 8)}
+           if filters_kernel.usable(logits8) else {}),
         # greedy decoding's token from the hidden state: logits then argmax (the logits
         # path), and where the kernels apply the int8 table with exact rescoring
         # (lm.kernels.pick) and its copy; the table scaled like a GPT's (0.02)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import linen as nn
 
 from lm.kernels import argmax as argmax_kernel
+from lm.kernels import filters as filters_kernel
 from lm.kernels import pick as pick_kernel
 from lm.models.cache import gather_rows
 from lm.models.config import ModelConfig
@@ -56,8 +57,11 @@ def threshold(weights_BV: jnp.ndarray, keys_BV: jnp.ndarray, target_B1: jnp.ndar
 def filter_logits(logits_BV: jnp.ndarray, *, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
     """Keeps the `top_k` largest logits and the smallest set whose probability reaches
     `top_p` (nucleus; found by bisection over the values, no sort); everything else becomes
-    -inf. Ties at either boundary are kept."""
+    -inf. Ties at either boundary are kept. On the CPU one kernel pass per row
+    (`lm.kernels.filters`)."""
     neg = jnp.finfo(logits_BV.dtype).min
+    if (top_k or top_p < 1.0) and filters_kernel.usable(logits_BV):
+        return filters_kernel.filter_rows(logits_BV, jnp.int32(top_k), jnp.float32(top_p))
     if top_k and top_k < logits_BV.shape[-1]:
         kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth, neg, logits_BV)

@@ -66,6 +66,23 @@ def test_ops_compute_their_reference_values():
     h8, e = (np.asarray(a, np.float64) for a in ops["decode_logits_kernel"][1])
     assert h8.shape == (8, 16)
     want["decode_logits_xla"] = want["decode_logits_kernel"] = h8 @ e.T
+    x_in, w_in = (np.asarray(a, np.float64) for a in ops["decode_mlp_in_xla"][1])
+    x_out, w_out8 = (np.asarray(a, np.float64) for a in ops["decode_mlp_out_xla"][1])
+    assert (x_in.shape, w_in.shape, x_out.shape, w_out8.shape) == (
+        (8, 16), (16, 64), (8, 64), (64, 16))
+    want["decode_mlp_in_xla"] = x_in @ w_in
+    want["decode_mlp_out_xla"] = x_out @ w_out8
+    if "decode_mlp_in_kernel" in ops:  # where the CPU kernels are built
+        want["decode_mlp_in_kernel"] = want["decode_mlp_in_xla"]
+        want["decode_mlp_out_kernel"] = want["decode_mlp_out_xla"]
+    for rows in (1, 8):  # the nucleus 0.9: the smallest set of largest logits reaching 0.9
+        (z_,) = (np.asarray(a, np.float64) for a in ops[f"nucleus_sort_{rows}"][1])
+        order = np.sort(z_, -1)[:, ::-1]
+        cum = np.cumsum(np.exp(order - order[:, :1]), -1)
+        cut = order[np.arange(len(z_)), (cum < 0.9 * cum[:, -1:]).sum(-1)]
+        want[f"nucleus_sort_{rows}"] = want[f"nucleus_bisect_{rows}"] = z_ >= cut[:, None]
+        if f"nucleus_kernel_{rows}" in ops:  # where the CPU kernels are built
+            want[f"nucleus_kernel_{rows}"] = want[f"nucleus_sort_{rows}"]
     for rows in (1, 8):  # greedy tokens from the hidden state
         x_, table_ = (np.asarray(a, np.float64) for a in ops[f"pick_logits_argmax_{rows}"][1])
         want[f"pick_logits_argmax_{rows}"] = (x_ @ table_.T).argmax(-1)

@@ -3,6 +3,8 @@ logit filters keep exactly the right tokens; the sliding window goes past max_le
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,13 +73,18 @@ def _sorted_nucleus(logits, top_k, top_p):
     return keep
 
 
-def test_filters_by_bisection_equal_sorting():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_filters_by_bisection_equal_sorting(kernel):
     """filter_logits' nucleus and serving's per-row top-k / top-p thresholds (bisection over
     the values' order, no sort) keep what sorting keeps: random rows, exact ties at the
     boundaries, -0.0 and 0.0, -inf, large and tiny spreads, top_p near 0 and near 1 (not
     within fp32 rounding of 1, where either answer is right)."""
+    from lm.kernels import build, filters
     from lm.serve.slots import sample_rows
 
+    if kernel and not filters.usable(jnp.zeros((1, 2))):
+        pytest.skip("the filter kernel needs AVX-512 or AVX2 and a C++ compiler here")
+    off = contextlib.nullcontext() if kernel else build.switched_off()
     rng = np.random.default_rng(0)
     rows = [rng.normal(size=300) * s for s in (0.01, 1.0, 8.0, 40.0)]
     tie = rng.normal(size=300)
@@ -91,22 +98,29 @@ def test_filters_by_bisection_equal_sorting():
     neg[::3] = -np.inf
     rows.append(neg)
     logits = jnp.asarray(np.stack(rows), jnp.float32)
-    for top_p in (1e-6, 0.3, 0.9, 0.999, 0.9999):  # (nearer 1: fp32 rounding decides)
-        got = np.asarray(filter_logits(logits, top_p=top_p)) > -1e30
-        want = _sorted_nucleus(logits, np.zeros(len(rows), int), np.full(len(rows), top_p))
-        np.testing.assert_array_equal(got, want, err_msg=f"top_p={top_p}")
-    # serving: a k and a p per row; the filtered logits decide which tokens can be drawn
-    b = len(rows)
-    top_k = np.array([0, 5, 40, 1, 10, 150, 299])
-    top_p = np.array([0.9, 1.0, 0.5, 0.9, 1.0, 0.99, 0.2], np.float32)
-    want = _sorted_nucleus(logits, top_k, top_p)
-    keys = jax.random.split(jax.random.key(0), b)
-    seen = np.zeros_like(want)
-    draw = jax.jit(sample_rows)
-    for i in range(300):
-        tok = np.asarray(draw(logits, jax.random.split(keys[i % b], b), jnp.ones((b,)),
-                              jnp.asarray(top_k), jnp.asarray(top_p)))
-        seen[np.arange(b), tok] = True
+    with off:  # traced (and so run) with the kernel, the CPU's path, or XLA's bisection
+        jaxpr = str(jax.make_jaxpr(lambda x: filter_logits(x, top_p=0.5))(logits))
+        assert ("lm_row_filter" in jaxpr) == kernel
+        for top_p in (1e-6, 0.3, 0.9, 0.999, 0.9999):  # (nearer 1: fp32 rounding decides)
+            got = np.asarray(filter_logits(logits, top_p=top_p)) > -1e30
+            want = _sorted_nucleus(logits, np.zeros(len(rows), int), np.full(len(rows), top_p))
+            np.testing.assert_array_equal(got, want, err_msg=f"top_p={top_p}")
+        # serving: a k and a p per row; the filtered logits decide which tokens can be drawn
+        b = len(rows)
+        top_k = np.array([0, 5, 40, 1, 10, 150, 299])
+        top_p = np.array([0.9, 1.0, 0.5, 0.9, 1.0, 0.99, 0.2], np.float32)
+        want = _sorted_nucleus(logits, top_k, top_p)
+        keys = jax.random.split(jax.random.key(0), b)
+        seen = np.zeros_like(want)
+        draw = jax.jit(sample_rows)
+        for i in range(300):
+            tok = np.asarray(draw(logits, jax.random.split(keys[i % b], b), jnp.ones((b,)),
+                                  jnp.asarray(top_k), jnp.asarray(top_p)))
+            seen[np.arange(b), tok] = True
+        wide = jnp.asarray(rng.normal(size=(1, 50257)) * 3, jnp.float32)  # GPT-2's vocabulary
+        for k, p in ((1000, 0.9), (0, 0.5), (40, 1.0)):
+            got = np.asarray(filter_logits(wide, top_k=k, top_p=p)) > -1e30
+            np.testing.assert_array_equal(got, _sorted_nucleus(wide, [k], [p]), err_msg=f"{k} {p}")
     assert not np.any(seen & ~want)  # nothing outside the filters is ever drawn
     assert seen[3].sum() == 1 and want[3].sum() == 1  # top_k=1: the argmax alone
 

@@ -42,6 +42,7 @@ TARGETS = {
     "lm_cross_entropy_grad_f32": "LmCrossEntropyGradF32",
     "lm_cross_entropy_grad_bf16": "LmCrossEntropyGradBF16",
     "lm_row_argmax": "LmRowArgmax", "lm_row_sample": "LmRowSample",
+    "lm_row_filter": "LmRowFilter",
     "lm_decode_attention": "LmDecodeAttention",
     "lm_small_logits": "LmSmallLogits", "lm_transpose": "LmTranspose", "lm_gemm": "LmGemm",
     "lm_gemm_acc": "LmGemmAcc", "lm_quantize_rows": "LmQuantizeRows",

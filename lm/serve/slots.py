@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.generate import greedy_token, order_keys, pick_head, threshold
+from lm.kernels import filters as filters_kernel
 from lm.kernels import pick as pick_kernel
 from lm.kernels.build import on_cpu
 from lm.models.cache import INDEX_LEAVES, SEQ_AFTER_ROW, leaf_name, merge_rows, row_axis, split_rows
@@ -101,13 +102,16 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     jax.random.categorical(key_b, filtered logits / t_b): the first argmax of
     gumbel(key_b) + logits / t_b, the token the pick kernel draws for an unfiltered row,
     so a row's tokens do not depend on which branch its batch took. The filters'
-    thresholds (bisection, `lm.generate.threshold`) run only when some row asks for one,
+    thresholds (`lm.kernels.filters` on the CPU, elsewhere bisection, `lm.generate.threshold`)
+    run only when some row asks for one,
     and nothing but an argmax runs when every row is greedy."""
     v = logits_BV.shape[-1]
     neg = jnp.finfo(logits_BV.dtype).min
     greedy = greedy_token(logits_BV)  # on the CPU lm's argmax kernel
 
-    def filtered(x):  # thresholds by bisection (`threshold`): no sort of the vocabulary
+    def filtered(x):  # thresholds by radix (CPU kernel) or bisection: no sort of the vocabulary
+        if filters_kernel.usable(x):
+            return filters_kernel.filter_rows(x, top_k_B, top_p_B)
         keys = order_keys(x)
         k = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
         kth = threshold(jnp.ones((), jnp.int32), keys, k[:, None])
