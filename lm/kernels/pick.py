@@ -26,6 +26,12 @@ logits kernel and the inverse-CDF draw (1 row), 3.26-3.54 against 5.65-7.13 (8 r
 `cpu_ops.py --ops pick_logits_sample_1 pick_sample_kernel_1 pick_logits_sample_8
 pick_sample_kernel_8`): sampled decoding 1.49x (batch 1) and 1.54x (batch 8) faster.
 
+With AVX2 (not AVX-512) the approximate pass multiplies the int8 rows by an int16 copy of
+each row of x (`vpmaddwd`: 16 exact products per instruction where the fp32 pass widened
+every table value and did 8 FMAs); `radius` includes a share for that rounding of x
+(pick_cpu.h, HiddenShare), checked for every row at run time. 8 rows: 1.25x
+(README, Performance).
+
 `top_k` gives lax.top_k(logits * c, k) bit for bit (top-k sampling's candidates, before
 its nucleus filter and draw): every row of the top k has a logit at least the k-th
 largest lower bound, so only rows whose scaled upper bound reaches it are computed.
@@ -48,7 +54,8 @@ WIDTH_MULTIPLE = 16
 
 class Quantized(NamedTuple):
     """An fp32 table [V, D] as int8 rows q [V, D] with scale [V] (row ≈ scale * q) and
-    radius [V]: |fp32 x·row - fp32 scale·(x·q)| <= ||x|| * radius for every x."""
+    radius [V]: |fp32 x·row - the kernels' estimate of it| <= ||x|| * radius for every x
+    (the estimate fp32 scale·(x·q), or with AVX2 scale·sh·(hq·q) for x's int16 copy)."""
 
     q: jnp.ndarray
     scale: jnp.ndarray
