@@ -56,9 +56,9 @@ def threshold(weights_BV: jnp.ndarray, keys_BV: jnp.ndarray, target_B1: jnp.ndar
 
 def filter_logits(logits_BV: jnp.ndarray, *, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
     """Keeps the `top_k` largest logits and the smallest set whose probability reaches
-    `top_p` (nucleus; found by bisection over the values, no sort); everything else becomes
-    -inf. Ties at either boundary are kept. On the CPU one kernel pass per row
-    (`lm.kernels.filters`)."""
+    `top_p` (nucleus), ties at either boundary kept; everything else becomes the dtype's
+    lowest value. No sort: on the CPU `lm.kernels.filters`' radix selection, elsewhere
+    `threshold`'s bisection."""
     neg = jnp.finfo(logits_BV.dtype).min
     if (top_k or top_p < 1.0) and filters_kernel.usable(logits_BV):
         return filters_kernel.filter_rows(logits_BV, jnp.int32(top_k), jnp.float32(top_p))

@@ -102,9 +102,9 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     jax.random.categorical(key_b, filtered logits / t_b): the first argmax of
     gumbel(key_b) + logits / t_b, the token the pick kernel draws for an unfiltered row,
     so a row's tokens do not depend on which branch its batch took. The filters'
-    thresholds (`lm.kernels.filters` on the CPU, elsewhere bisection, `lm.generate.threshold`)
-    run only when some row asks for one,
-    and nothing but an argmax runs when every row is greedy."""
+    thresholds (`lm.kernels.filters` on the CPU, elsewhere `lm.generate.threshold`'s
+    bisection) run only when some row asks for one, and nothing but an argmax runs when
+    every row is greedy."""
     v = logits_BV.shape[-1]
     neg = jnp.finfo(logits_BV.dtype).min
     greedy = greedy_token(logits_BV)  # on the CPU lm's argmax kernel
