@@ -25,11 +25,6 @@ void EachRow(ffi::ThreadPool& pool, int64_t rows, int64_t v,
 
 constexpr int64_t kBlock = 256;  // lm.generate.categorical_from_uniform's `block`
 
-// exp(x - mx) with exactly 0 below e^-87 (a -inf logit: probability 0, never drawn).
-inline vf Weight(vf x, float mx) {
-  const vf d = x - mx;
-  return d < -87.0f ? Splat(0.0f) : ExpNonPositive(d);
-}
 
 inline float BlockSum(const float* x, int64_t n, float mx) {
   vf acc = Splat(0.0f);

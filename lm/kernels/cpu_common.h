@@ -72,6 +72,12 @@ inline vf ExpNonPositive(vf x) {
   return p * (vf)((ni + 127) << 23);
 }
 
+// exp(x - mx) with exactly 0 below e^-87 (a -inf logit: probability 0, never drawn).
+inline vf Weight(vf x, float mx) {
+  const vf d = x - mx;
+  return d < -87.0f ? Splat(0.0f) : ExpNonPositive(d);
+}
+
 typedef uint32_t vu32 __attribute__((vector_size(4 * kLanes)));
 typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
 

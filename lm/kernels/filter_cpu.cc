@@ -89,12 +89,8 @@ void FilterRow(const float* x, int64_t v, int32_t top_k, float top_p, float* out
   if (top_p < 1.0f) {
     float* w = Scratch(1, v);
     const float mx = RowMax(x, v);  // the largest value is always kept
-    const vf floor = Splat(-87.0f);
     int64_t i = 0;
-    for (; i + kLanes <= v; i += kLanes) {  // exp(x - max), 0 below e^-87 (and -inf)
-      const vf d = Load(x + i) - mx;
-      Store(w + i, d < floor ? Splat(0.0f) : ExpNonPositive(d));
-    }
+    for (; i + kLanes <= v; i += kLanes) Store(w + i, Weight(Load(x + i), mx));
     for (; i < v; ++i) w[i] = x[i] - mx < -87.0f ? 0.0f : std::exp(x[i] - mx);
     double total = 0.0;
     for (i = 0; i < v; ++i) {
@@ -119,12 +115,8 @@ ffi::Error FilterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int32_t* K = top_k.typed_data();
   const float* P = top_p.typed_data();
   float* O = out->typed_data();
-  auto row = [&](int64_t r) { FilterRow(X + r * v, v, K[r], P[r], O + r * v); };
-  if (rows > 1) {
-    ParallelFor(pool, rows, row);
-  } else {
-    for (int64_t r = 0; r < rows; ++r) row(r);
-  }
+  // one row: on this thread
+  ParallelFor(pool, rows, [&](int64_t r) { FilterRow(X + r * v, v, K[r], P[r], O + r * v); });
   return ffi::Error::Success();
 }
 
