@@ -121,6 +121,9 @@ def test_filters_by_bisection_equal_sorting(kernel):
         for k, p in ((1000, 0.9), (0, 0.5), (40, 1.0)):
             got = np.asarray(filter_logits(wide, top_k=k, top_p=p)) > -1e30
             np.testing.assert_array_equal(got, _sorted_nucleus(wide, [k], [p]), err_msg=f"{k} {p}")
+    if kernel:  # serving's per-row filter itself keeps exactly what sorting keeps
+        got = np.asarray(filters.filter_rows(logits, jnp.asarray(top_k), jnp.asarray(top_p)))
+        np.testing.assert_array_equal(got > -1e30, want)
     assert not np.any(seen & ~want)  # nothing outside the filters is ever drawn
     assert seen[3].sum() == 1 and want[3].sum() == 1  # top_k=1: the argmax alone
 
